@@ -1,0 +1,164 @@
+"""The engine contract every engine implements (torch paged engine, TensorRT-LLM).
+
+Servicers depend on `EngineClient` only. Nothing here imports torch at runtime,
+so the scheduler side and the tests can use these types freely.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 1  # EOS, a stop token id, or a stop string (decided by the caller)
+    LENGTH = 2  # max_tokens or the model's context length
+    ABORT = 3  # cancelled by the caller or failed
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling. temperature == 0 means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # number of top alternatives; None = no logprobs
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
+            (self.repetition_penalty > 0.0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2.0 <= self.presence_penalty <= 2.0,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20,
+             f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (1 <= self.n <= 16, f"n must be in [1, 16], got {self.n}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingSpan:
+    """Precomputed embedding rows that replace prompt positions [start, start + len)."""
+
+    start: int
+    embeddings: torch.Tensor  # [num_rows, hidden_size]
+    content_hash: str  # identifies the media item; drives the prefix cache
+
+    @property
+    def length(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    spans: tuple[EmbeddingSpan, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    priority: int = 0  # higher runs earlier when the scheduler uses priorities
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOutput:
+    """One step's worth of new tokens for one choice of a request."""
+
+    request_id: str
+    index: int  # choice index, 0 .. n-1
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: tuple[TokenLogprob, ...] = ()
+    error: str | None = None  # set when the engine failed this request
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
+    block_size: int = 0
+    prefix_hit_rate: float = 0.0
+    running: int = 0
+    waiting: int = 0
+    step_time_ms: float = 0.0
+
+
+class EngineClient(ABC):
+    """What the LLM servicer needs from an engine."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Loads the model and starts the step loop."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Stops the step loop; pending requests finish with ABORT."""
+
+    @abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Submits a request and yields its outputs. Closing the iterator early aborts it.
+
+        Raises InvalidRequest (bad request) or Overloaded (queue full) on first iteration.
+        """
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Frees everything the request holds; a no-op for unknown ids."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @property
+    @abstractmethod
+    def healthy(self) -> bool:
+        """False once a fatal engine error happened."""
