@@ -1,0 +1,72 @@
+"""LLM service configuration: one frozen object built once in __main__."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENGINE_KINDS = ("torch", "trtllm")
+
+
+@dataclass(frozen=True, slots=True)
+class LLMConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_name: str = "smollm2-135m-instruct"
+    family: str = "smollm2"
+    checkpoint: str = "embedded:smollm2"
+    cache_dir: Path | None = None
+    encoder_address: str = ""  # empty: text only
+    encoder_wait_s: float = 60.0  # how long start-up waits for the encoder's info call
+    max_media_items: int = 16
+    engine_kind: str = "torch"
+    engine_options: dict[str, Any] = field(default_factory=dict)  # engine: section of the YAML
+    grace_s: float = 5.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # client CA for the encoder channel / mTLS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.engine_kind not in ENGINE_KINDS:
+            raise ValueError(f"engine kind must be one of {ENGINE_KINDS}, got {self.engine_kind!r}")
+        if self.max_media_items < 0:
+            raise ValueError(f"max_media_items must be >= 0, got {self.max_media_items}")
+        if self.encoder_wait_s < 0:
+            raise ValueError(f"encoder_wait_s must be >= 0, got {self.encoder_wait_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+
+    @classmethod
+    def from_sources(cls, sections: dict[str, dict[str, Any]], args: argparse.Namespace) -> LLMConfig:
+        """YAML sections first, then flags that were given explicitly."""
+        model, llm = sections["model"], sections["llm"]
+        engine = dict(sections["engine"])
+        kind = engine.pop("kind", "torch")
+        for key, flag in (("kv_cache_bytes", "kv_cache_bytes"), ("max_num_seqs", "max_num_seqs"),
+                          ("block_size", "block_size"), ("device", "device"), ("dtype", "dtype"),
+                          ("max_num_batched_tokens", "max_num_batched_tokens"),
+                          ("max_model_len", "max_model_len")):
+            if getattr(args, flag, None) is not None:
+                engine[key] = getattr(args, flag)
+        if getattr(args, "no_prefix_caching", False):
+            engine["enable_prefix_caching"] = False
+        return cls(
+            host=args.host,
+            port=args.port,
+            model_name=args.model_name or model.get("name", cls.model_name),
+            family=args.family or model.get("family", cls.family),
+            checkpoint=args.checkpoint or llm.get("checkpoint", cls.checkpoint),
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+            encoder_address=args.encoder_address,
+            encoder_wait_s=args.encoder_wait,
+            max_media_items=llm.get("max_media_items", cls.max_media_items),
+            engine_kind=args.engine or kind,
+            engine_options=engine,
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+        )

@@ -1,0 +1,123 @@
+"""Client for the encoder pool: media refs in, embedding tensors out.
+
+Each media item is its own Encode call, all issued concurrently, so a request's
+images spread over the encoder pool (gRPC round-robin over a DNS name, or our
+own rotation over a comma-separated address list).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from encoder_service.wire import chunks_to_tensor
+from llm_service.errors import (
+    DeadlineExceeded, InvalidRequest, NotFound, PermissionDenied, ServiceError, Unavailable,
+)
+from llm_service.prompt.messages import MediaRef, Modality
+from protos.stubs import load
+
+common_pb2 = load("common_pb2")
+encoder_pb2 = load("encoder_pb2")
+encoder_pb2_grpc = load("encoder_pb2_grpc")
+
+_MAX_MESSAGE = 64 * 1024 * 1024
+_STATUS_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+_MODALITY = {Modality.IMAGE: common_pb2.MODALITY_IMAGE, Modality.AUDIO: common_pb2.MODALITY_AUDIO}
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedItem:
+    embeddings: torch.Tensor  # [num_tokens, hidden_size]
+    content_hash: str
+    num_tiles: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderInfo:
+    family: str
+    hidden_size: int
+    dtype: int
+    tower: str
+
+
+class EncoderClient:
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.lb_policy_name", "round_robin"),
+        ]
+        addresses = [a.strip() for a in target.split(",") if a.strip()]
+        if not addresses:
+            raise ValueError("encoder address must not be empty")
+        self._channels = [
+            grpc.aio.secure_channel(a, credentials, options=options) if credentials
+            else grpc.aio.insecure_channel(a, options=options)
+            for a in addresses
+        ]
+        self._stubs = [encoder_pb2_grpc.EncoderStub(c) for c in self._channels]
+        self._next = itertools.cycle(range(len(self._stubs)))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def info(self, timeout: float = 5.0) -> EncoderInfo:
+        try:
+            reply = await self._stubs[0].GetModelInfo(encoder_pb2.EncoderInfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _to_error(exc) from None
+        return EncoderInfo(reply.family, reply.hidden_size, reply.dtype, reply.tower)
+
+    async def encode(
+        self, items: list[MediaRef], request_id: str, timeout: float | None = None
+    ) -> list[EncodedItem]:
+        """Encodes every item concurrently; returns them in order."""
+        return list(await asyncio.gather(*(self._encode_one(i, request_id, timeout) for i in items)))
+
+    async def _encode_one(self, item: MediaRef, request_id: str, timeout: float | None) -> EncodedItem:
+        ref = common_pb2.MediaRef(mime_type=item.mime_type)
+        if item.data:
+            ref.data = item.data
+        else:
+            ref.url = item.url
+        request = encoder_pb2.EncodeRequest(
+            request_id=request_id,
+            items=[encoder_pb2.MediaItem(modality=_MODALITY[item.modality], ref=ref)],
+        )
+        stub = self._stubs[next(self._next)]
+        header, chunks = None, []
+        try:
+            async for reply in stub.Encode(request, timeout=timeout,
+                                           metadata=(("x-request-id", request_id),)):
+                if reply.HasField("header"):
+                    header = reply.header
+                else:
+                    chunks.append(reply.chunk)
+        except grpc.aio.AioRpcError as exc:
+            raise _to_error(exc) from None
+        if header is None:
+            raise Unavailable("the encoder returned no embedding header")
+        return EncodedItem(chunks_to_tensor(header, chunks), header.content_hash, header.num_tiles)
+
+
+def _to_error(exc: grpc.aio.AioRpcError) -> ServiceError:
+    kind = _STATUS_ERRORS.get(exc.code(), ServiceError)
+    details = exc.details() or exc.code().name
+    if kind is Unavailable:
+        details = f"encoder service unavailable: {details}"
+    return kind(details)

@@ -1,0 +1,175 @@
+"""One generation request, end to end: prompt, media, engine, detokenization.
+
+Transport-free: the gRPC servicer converts protobuf to `GenerateInput` and
+`Chunk`s back; everything here is plain Python and torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from llm_service.encoder_client import EncoderClient
+from llm_service.engine.detokenizer import IncrementalDetokenizer
+from llm_service.engine.protocol import (
+    EmbeddingSpan, EngineClient, EngineRequest, FinishReason, SamplingParams, TokenLogprob,
+)
+from llm_service.errors import InvalidRequest, Unavailable
+from llm_service.prompt.families import PromptFamily
+from llm_service.prompt.messages import Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateInput:
+    request_id: str
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    skip_special_tokens: bool = True
+    priority: int = 0
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogprobEntry:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    logprobs: tuple[LogprobEntry, ...] = ()
+
+
+@dataclass(slots=True)
+class _Choice:
+    detok: IncrementalDetokenizer
+    tokens: int = 0
+    done: bool = False
+
+
+class Generator:
+    def __init__(self, engine: EngineClient, tokenizer, family: PromptFamily,
+                 encoder: EncoderClient | None, hidden_size: int, vocab_size: int,
+                 max_media_items: int = 16) -> None:
+        self._engine = engine
+        self._tokenizer = tokenizer
+        self._family = family
+        self._encoder = encoder
+        self._hidden_size = hidden_size
+        self._vocab_size = vocab_size
+        self._max_media_items = max_media_items
+
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
+        started = time.monotonic()
+        token_ids, spans = await self._prepare(inp)
+        request = EngineRequest(
+            request_id=inp.request_id,
+            prompt_token_ids=token_ids,
+            sampling=inp.sampling,
+            spans=spans,
+            eos_token_ids=() if inp.sampling.ignore_eos else self._family.stop_token_ids,
+            priority=inp.priority,
+        )
+        choices = [
+            _Choice(IncrementalDetokenizer(self._tokenizer, inp.stop, inp.skip_special_tokens))
+            for _ in range(inp.sampling.n)
+        ]
+        first_token_at = None
+        outputs = self._engine.generate(request)
+        try:
+            async for out in outputs:
+                choice = choices[out.index]
+                if choice.done:
+                    continue  # this choice already ended on a stop string
+                if first_token_at is None and out.new_token_ids:
+                    first_token_at = time.monotonic()
+                choice.tokens = out.num_output_tokens
+                delta = choice.detok.add(out.new_token_ids)
+                finish = out.finish_reason
+                if out.error:
+                    raise Unavailable(f"generation failed: {out.error}")
+                if delta.stopped:
+                    finish = FinishReason.STOP
+                text = delta.text
+                if finish is not None and not delta.stopped:
+                    text += choice.detok.finish().text
+                usage = None
+                if finish is not None:
+                    choice.done = True
+                    usage = Usage(len(token_ids), choice.tokens, out.num_cached_tokens)
+                yield Chunk(out.index, text, list(out.new_token_ids), finish, usage,
+                            self._logprobs(out.logprobs))
+                if all(c.done for c in choices):
+                    break
+        finally:
+            await outputs.aclose()  # aborts the engine request if it is still running
+            log.info("request %s prompt=%d completion=%s ttft_ms=%s total_ms=%.0f", inp.request_id,
+                     len(token_ids), [c.tokens for c in choices],
+                     None if first_token_at is None else round((first_token_at - started) * 1e3),
+                     (time.monotonic() - started) * 1e3)
+
+    async def _prepare(self, inp: GenerateInput) -> tuple[list[int], tuple[EmbeddingSpan, ...]]:
+        if inp.messages is not None:
+            return await self._prepare_chat(inp)
+        if inp.prompt is not None:
+            if not inp.prompt:
+                raise InvalidRequest("prompt must not be empty")
+            return self._tokenizer.encode(inp.prompt), ()
+        ids = list(inp.prompt_token_ids or [])
+        if not ids:
+            raise InvalidRequest("one of messages, prompt or prompt_token_ids is required")
+        bad = [t for t in ids if t >= self._vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt_token_ids {bad[:5]} are outside the vocabulary "
+                                 f"(size {self._vocab_size})")
+        return ids, ()
+
+    async def _prepare_chat(self, inp: GenerateInput):
+        text = self._family.template.render(inp.messages)
+        media = [m for message in inp.messages for m in message.media]
+        if len(media) > self._max_media_items:
+            raise InvalidRequest(f"{len(media)} media items in one request; the limit is "
+                                 f"{self._max_media_items}")
+        if media and self._encoder is None:
+            raise InvalidRequest("this deployment has no encoder service; send text only")
+        encoded = await self._encoder.encode(media, inp.request_id, inp.timeout) if media else []
+        for item in encoded:
+            if item.embeddings.shape[1] != self._hidden_size:
+                raise Unavailable(f"encoder returned rows of width {item.embeddings.shape[1]}, "
+                                  f"the LLM hidden size is {self._hidden_size}")
+        prompt = self._family.builder.build(text, [e.num_tokens for e in encoded])
+        spans = tuple(
+            EmbeddingSpan(start=s.start, embeddings=encoded[s.item].embeddings,
+                          content_hash=encoded[s.item].content_hash)
+            for s in prompt.slots
+        )
+        return prompt.token_ids, spans
+
+    def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> tuple[LogprobEntry, ...]:
+        decode = self._tokenizer.decode
+        return tuple(
+            LogprobEntry(e.token_id, decode([e.token_id]), e.logprob,
+                         tuple((t, decode([t]), lp) for t, lp in e.top))
+            for e in entries
+        )

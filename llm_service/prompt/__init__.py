@@ -1,0 +1,1 @@
+"""Prompt construction: chat templates per model family and placeholder expansion."""

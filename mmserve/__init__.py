@@ -1,0 +1,1 @@
+"""mmserve: shared pieces of the three services (model config, local supervisor)."""

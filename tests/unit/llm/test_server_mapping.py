@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from llm_service import errors
+from llm_service.engine.protocol import FinishReason
+from llm_service.generator import Chunk, Usage
+from llm_service.server import chunk_to_pb, messages_from_pb, sampling_from_pb, status_for
+from protos import common_pb2, llm_pb2
+
+
+@pytest.mark.parametrize("exc, code", [
+    (errors.InvalidRequest("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound("x"), grpc.StatusCode.NOT_FOUND),
+    (errors.PermissionDenied("x"), grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Overloaded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+    (errors.EngineDead("x"), grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.ServiceError("x"), grpc.StatusCode.INTERNAL),
+    (RuntimeError("x"), grpc.StatusCode.INTERNAL),
+])
+def test_error_to_status(exc, code):
+    assert status_for(exc) == code
+
+
+def test_sampling_defaults_and_fields():
+    params, stop, skip = sampling_from_pb(llm_pb2.SamplingParams())
+    assert (params.max_tokens, params.temperature, params.top_p, params.n) == (256, 1.0, 1.0, 1)
+    assert params.seed is None and params.logprobs is None and stop == () and skip is True
+    pb = llm_pb2.SamplingParams(max_tokens=7, temperature=0.0, seed=3, stop=["a", "bc"],
+                                logprobs=2, n=2, skip_special_tokens=False, top_k=5)
+    params, stop, skip = sampling_from_pb(pb)
+    assert (params.max_tokens, params.greedy, params.seed, params.logprobs, params.n,
+            params.top_k) == (7, True, 3, 2, 2, 5)
+    assert stop == ("a", "bc") and skip is False
+
+
+@pytest.mark.parametrize("pb, field", [
+    (llm_pb2.SamplingParams(temperature=-1.0), "temperature"),
+    (llm_pb2.SamplingParams(top_p=1.5), "top_p"),
+    (llm_pb2.SamplingParams(max_tokens=0), "max_tokens"),
+    (llm_pb2.SamplingParams(presence_penalty=3.0), "presence_penalty"),
+    (llm_pb2.SamplingParams(stop=[""]), "stop"),
+])
+def test_bad_sampling_is_invalid_request_naming_the_field(pb, field):
+    with pytest.raises(errors.InvalidRequest, match=field):
+        sampling_from_pb(pb)
+
+
+def test_messages_from_pb_maps_roles_and_parts():
+    msgs = messages_from_pb([
+        llm_pb2.ChatMessage(role="developer", content=[llm_pb2.ContentPart(text="be nice")]),
+        llm_pb2.ChatMessage(role="user", content=[
+            llm_pb2.ContentPart(image=common_pb2.MediaRef(url="data:image/png;base64,AA")),
+            llm_pb2.ContentPart(audio=common_pb2.MediaRef(data=b"RIFF")),
+            llm_pb2.ContentPart(text="hi"),
+        ]),
+    ])
+    assert msgs[0].role == "system" and msgs[0].text == "be nice"
+    image, audio = msgs[1].media
+    assert image.url.startswith("data:") and audio.data == b"RIFF"
+    assert msgs[1].text == "hi"
+
+
+def test_media_part_without_source_is_rejected():
+    with pytest.raises(errors.InvalidRequest, match="neither a url nor data"):
+        messages_from_pb([llm_pb2.ChatMessage(role="user", content=[
+            llm_pb2.ContentPart(image=common_pb2.MediaRef())])])
+
+
+def test_chunk_to_pb_carries_usage_and_finish():
+    pb = chunk_to_pb(Chunk(1, "Paris", [42], FinishReason.STOP, Usage(10, 3, 2)))
+    assert (pb.index, pb.text, list(pb.token_ids)) == (1, "Paris", [42])
+    assert pb.finish_reason == llm_pb2.FINISH_REASON_STOP
+    assert (pb.usage.prompt_tokens, pb.usage.completion_tokens, pb.usage.cached_tokens) == (10, 3, 2)
