@@ -151,6 +151,10 @@ class Generator:
         if len(media) > self._max_media_items:
             raise InvalidRequest(f"{len(media)} media items in one request; the limit is "
                                  f"{self._max_media_items}")
+        unsupported = {m.modality for m in media} - self._family.modalities
+        if unsupported:
+            names = ", ".join(sorted(m.name.lower() for m in unsupported))
+            raise InvalidRequest(f"this model does not accept {names} input")
         if media and self._encoder is None:
             raise InvalidRequest("this deployment has no encoder service; send text only")
         encoded = await self._encoder.encode(media, inp.request_id, inp.timeout) if media else []
@@ -158,7 +162,8 @@ class Generator:
             if item.embeddings.shape[1] != self._hidden_size:
                 raise Unavailable(f"encoder returned rows of width {item.embeddings.shape[1]}, "
                                   f"the LLM hidden size is {self._hidden_size}")
-        prompt = self._family.builder.build(text, [e.num_tokens for e in encoded])
+        prompt = self._family.builder.build(
+            text, [(m.modality, e.num_tokens) for m, e in zip(media, encoded)])
         spans = tuple(
             EmbeddingSpan(start=s.start, embeddings=encoded[s.item].embeddings,
                           content_hash=encoded[s.item].content_hash)

@@ -1,20 +1,42 @@
 """Chat templates: messages -> prompt text with one marker per media item.
 
-A template renders the family's exact conversation format and leaves a marker
+A template renders a family's exact conversation format and leaves a marker
 where each media item goes; `PromptBuilder` later replaces every marker with the
 item's embedding slots once the encoder has said how many rows it produced.
+Most families are "role templates": a system block, then per turn a role prefix,
+the content and a role-specific terminator, then the generation prompt.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from llm_service.errors import InvalidRequest
-from llm_service.prompt.messages import ROLES, MediaRef, Message, TextPart
+from llm_service.prompt.messages import ROLES, MediaRef, Message, Modality, TextPart
 
 MARKER = "<|mmserve_media_{}|>"
 MARKER_RE = re.compile(r"<\|mmserve_media_(\d+)\|>")
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSlot:
+    """Where a media item sits, for families whose text around it depends on that."""
+
+    modality: Modality
+    index: int  # 0-based over the whole conversation, all modalities
+    in_message: int  # 0-based among this modality's items in its message
+    of_modality: int  # 0-based among this modality's items in the conversation
+    total: int  # items of this modality in the conversation
+
+
+MediaText = Callable[[MediaSlot], str]
+
+
+def bare(slot: MediaSlot) -> str:
+    return MARKER.format(slot.index)
 
 
 class ChatTemplate(ABC):
@@ -34,30 +56,83 @@ def check_messages(messages: list[Message]) -> None:
                 raise InvalidRequest(f"messages[{i}] contains a reserved media marker")
 
 
-def inline_media(message: Message, counter: list[int], separator: str = "") -> str:
-    """Message content with media items replaced by numbered markers, in order."""
+def render_contents(messages: list[Message], media_text: MediaText) -> list[str]:
+    """Each message's content with its media items rendered by `media_text`, in order."""
+    totals = {m: sum(isinstance(p, MediaRef) and p.modality == m
+                     for msg in messages for p in msg.parts) for m in Modality}
+    seen = dict.fromkeys(Modality, 0)
+    index = 0
     out = []
-    for part in message.parts:
-        if isinstance(part, MediaRef):
-            out.append(MARKER.format(counter[0]) + separator)
-            counter[0] += 1
-        else:
-            out.append(part.text)
-    return "".join(out)
+    for message in messages:
+        in_message = dict.fromkeys(Modality, 0)
+        pieces = []
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                pieces.append(part.text)
+                continue
+            slot = MediaSlot(part.modality, index, in_message[part.modality], seen[part.modality],
+                             totals[part.modality])
+            pieces.append(media_text(slot))
+            index += 1
+            in_message[part.modality] += 1
+            seen[part.modality] += 1
+        out.append("".join(pieces))
+    return out
 
 
 class HFChatTemplate(ChatTemplate):
     """The checkpoint's own Jinja chat template (tokenizer.apply_chat_template)."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, media_text: MediaText = bare) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; choose a family template")
         self._tokenizer = tokenizer
+        self._media_text = media_text
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         check_messages(messages)
-        counter = [0]
-        conversation = [{"role": m.role, "content": inline_media(m, counter)} for m in messages]
+        contents = render_contents(messages, self._media_text)
+        conversation = [{"role": m.role, "content": c} for m, c in zip(messages, contents)]
         return self._tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+@dataclass(frozen=True, slots=True)
+class RoleTemplate(ChatTemplate):
+    """system block + (prefix, content, end) per turn + generation prompt."""
+
+    system: str  # format string with {system}; "" when the family has no system block
+    system_end: str
+    user: str
+    user_end: str
+    assistant: str
+    assistant_end: str
+    generation: str  # appended when add_generation_prompt
+    default_system: str = ""
+    media_text: MediaText = bare
+    # Families without a system block put it inside the first user turn (e.g. Llama-2 <<SYS>>).
+    system_in_first_user: str = ""
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        check_messages(messages)
+        contents = render_contents(messages, self.media_text)
+        system = self.default_system
+        if messages[0].role == "system":
+            system, messages, contents = contents[0], messages[1:], contents[1:]
+        out = []
+        if self.system and system:
+            out.append(self.system.format(system=system) + self.system_end)
+        first_user = True
+        for message, content in zip(messages, contents):
+            if message.role == "system":
+                raise InvalidRequest("a system message is only allowed first")
+            if message.role == "user":
+                if first_user and system and self.system_in_first_user:
+                    content = self.system_in_first_user.format(system=system) + content
+                first_user = False
+                out.append(self.user + content + self.user_end)
+            else:
+                out.append(self.assistant + content + self.assistant_end)
+        if add_generation_prompt:
+            out.append(self.generation)
+        return "".join(out)

@@ -50,7 +50,7 @@ def test_placeholder_expansion_inserts_exact_slot_counts(smollm2_tokenizer):
     text_only = family.template.render([user("Describe it.")])
     with_img = family.template.render([user(IMG, "Describe it.")])
     base = family.builder.build(text_only, [])
-    prompt = family.builder.build(with_img, [1792])
+    prompt = family.builder.build(with_img, [(Modality.IMAGE, 1792)])
     assert len(prompt.token_ids) - len(base.token_ids) == 1792
     (slot,) = prompt.slots
     assert slot.length == 1792
@@ -61,9 +61,10 @@ def test_placeholder_expansion_inserts_exact_slot_counts(smollm2_tokenizer):
 
 
 def test_prefix_and_suffix_wrap_each_item(smollm2_tokenizer):
-    builder = PromptBuilder(smollm2_tokenizer, MediaFormat(slot_token_id=0, prefix="<img>",
-                                                           suffix="</img>"))
-    prompt = builder.build(f"a{MARKER.format(0)}b{MARKER.format(1)}c", [3, 2])
+    builder = PromptBuilder(smollm2_tokenizer, {Modality.IMAGE: MediaFormat(
+        slot_token_id=0, prefix="<img>", suffix="</img>")})
+    prompt = builder.build(f"a{MARKER.format(0)}b{MARKER.format(1)}c",
+                           [(Modality.IMAGE, 3), (Modality.IMAGE, 2)])
     s0, s1 = prompt.slots
     pre = smollm2_tokenizer.encode("<img>", add_special_tokens=False)
     assert prompt.token_ids[s0.start - len(pre):s0.start] == pre
@@ -87,6 +88,13 @@ def test_bad_role_and_reserved_marker_are_rejected(smollm2_tokenizer):
         family.template.render([user(MARKER.format(0))])
     with pytest.raises(InvalidRequest, match="empty"):
         family.template.render([])
+
+
+def test_unsupported_modality_is_rejected(smollm2_tokenizer):
+    family = load_family("smollm2", smollm2_tokenizer)
+    assert family.modalities == {Modality.IMAGE}
+    with pytest.raises(InvalidRequest, match="does not accept audio"):
+        family.builder.build(MARKER.format(0), [(Modality.AUDIO, 4)])
 
 
 def test_stop_ids_include_im_end(smollm2_tokenizer):
