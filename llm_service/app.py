@@ -17,6 +17,7 @@ from llm_service.engine.protocol import EngineClient
 from llm_service.errors import ServiceError
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
+from llm_service.tokenizer import load_tokenizer
 from llm_service.server import LLMServicer, build_server, watch_health
 from llm_service.weights import resolve_checkpoint
 
@@ -70,11 +71,9 @@ def _credentials(config: LLMConfig):
 async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
                 ready: asyncio.Future | None = None) -> None:
     """Runs until `stop` is set (or SIGINT/SIGTERM when no event is given)."""
-    from transformers import AutoTokenizer
-
     started = time.monotonic()
     model_dir = await asyncio.to_thread(resolve_checkpoint, config.checkpoint, config.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     family = load_family(config.family, tokenizer)
     engine = build_engine(config, model_dir)
     await engine.start()
