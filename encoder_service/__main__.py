@@ -1,0 +1,148 @@
+"""Runs the encoder service: `python -m encoder_service [--config model.yaml] [flags]`.
+
+One name per setting: config field `max_tiles` = YAML key `max_tiles` (section
+`encoder:`) = flag `--max-tiles` = environment `MMSERVE_ENCODER_MAX_TILES`. The
+one exception is the repeatable `--allowed-domain` (environment: comma-separated
+MMSERVE_ENCODER_ALLOWED_DOMAINS). Environment values are the flags' defaults;
+both override the model YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+
+import yaml
+
+from encoder_service.config import DTYPES, FAMILIES, TOWERS, EncoderConfig
+from mmserve.modelconfig import load_model_config
+
+ENV_PREFIX = "MMSERVE_ENCODER_"
+log = logging.getLogger("encoder_service")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _domains(text: str) -> list[str]:
+    return [d for d in (part.strip() for part in text.split(",")) if d]
+
+
+# flag, config field (except config/log_level), parser of an environment value, help
+_FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
+    ("--config", "config", str, "model YAML shared with the LLM service; its encoder: section "
+     "is read (default: the embedded smollm2-demo.yaml)"),
+    ("--host", "host", str, "address to bind"),
+    ("--port", "port", int, "port to bind; 0 picks a free one"),
+    ("--family", "family", str, f"model family: {', '.join(FAMILIES)}"),
+    ("--tower", "tower", str, f"vision tower: {', '.join(TOWERS)}"),
+    ("--image-size", "image_size", int, "tile size in pixels"),
+    ("--max-tiles", "max_tiles", int, "default and maximum tiles per image (thumbnail extra)"),
+    ("--use-thumbnail", "use_thumbnail", _bool, "append a whole-image thumbnail tile"),
+    ("--hidden-size", "hidden_size", int, "LLM hidden size = width of each embedding row"),
+    ("--dtype", "dtype", str, f"embedding dtype on the wire: {', '.join(DTYPES)}"),
+    ("--seed", "seed", int, "seed of the demo tower's random weights"),
+    ("--max-batch-tiles", "max_batch_tiles", int, "tiles per tower call across requests"),
+    ("--max-media-bytes", "max_media_bytes", int, "largest encoded media item"),
+    ("--max-image-pixels", "max_image_pixels", int, "largest image (width x height)"),
+    ("--max-items-per-request", "max_items_per_request", int, "media items per Encode call"),
+    ("--allow-http", "allow_http", _bool, "fetch http(s) URLs at all"),
+    ("--allow-private-networks", "allow_private_networks", _bool,
+     "let URLs reach private, loopback and link-local addresses"),
+    ("--allowed-domain", "allowed_domains", _domains,
+     "only fetch from this domain and its subdomains (repeatable; env: comma-separated)"),
+    ("--allowed-local-media-path", "allowed_local_media_path", str,
+     "directory that file:// URLs may read from (default: file:// refused)"),
+    ("--http-connect-timeout-s", "http_connect_timeout_s", float, "seconds"),
+    ("--http-read-timeout-s", "http_read_timeout_s", float, "seconds between received bytes"),
+    ("--http-total-timeout-s", "http_total_timeout_s", float, "seconds for a whole download"),
+    ("--max-redirects", "max_redirects", int, "redirects followed, each re-checked"),
+    ("--chunk-bytes", "chunk_bytes", int, "embedding bytes per response message (< 4 MiB)"),
+    ("--cache-capacity-bytes", "cache_capacity_bytes", int, "content store size"),
+    ("--shutdown-grace-s", "shutdown_grace_s", float, "seconds in-flight calls get on shutdown"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR (not a config field)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m encoder_service",
+                                     description="mmserve encoder service (media -> embeddings)")
+    for flag, dest, parse, help_text in _FLAGS:
+        if parse is _bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif parse is _domains:
+            parser.add_argument(flag, dest=dest, action="append", default=None,
+                                metavar="DOMAIN", help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, type=parse, default=None, help=help_text)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective encoder: section as YAML and exit")
+    return parser
+
+
+def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Flags, with environment values filling whatever the command line left unset."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for _, dest, parse, _ in _FLAGS:
+        name = ENV_PREFIX + dest.upper()
+        if getattr(args, dest) is None and environ.get(name):
+            try:
+                setattr(args, dest, parse(environ[name]))
+            except ValueError as exc:
+                parser.error(f"environment variable {name}: {exc}")
+    return args
+
+
+def build_config(args: argparse.Namespace) -> EncoderConfig:
+    return EncoderConfig.from_sources(load_model_config(args.config)["encoder"], args)
+
+
+async def serve(config: EncoderConfig) -> None:
+    from encoder_service.server import EncoderServer  # keeps --print-config free of torch
+
+    server = EncoderServer(config)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down, in-flight calls get %.1fs", config.shutdown_grace_s)
+    await server.stop()
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = parse_args(argv, os.environ if environ is None else environ)
+    logging.basicConfig(level=(args.log_level or "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = build_config(args)
+    except ValueError as exc:
+        print(f"encoder_service: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump({"encoder": config.to_dict()}, sort_keys=False), end="")
+        return 0
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"encoder_service: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

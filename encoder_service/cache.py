@@ -1,0 +1,78 @@
+"""The content store: a bounded LRU of encoded media, keyed by content hash.
+
+An entry keeps the decoded image (so `mm://sha256:<hex>` handles resolve without
+re-uploading) and its embeddings (so a repeated image skips the tower). Only the
+event loop touches it, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    image: Image.Image
+    embeddings: torch.Tensor  # [num_tokens, hidden_size]
+    num_tiles: int
+
+    @property
+    def nbytes(self) -> int:
+        image_bytes = self.image.width * self.image.height * len(self.image.getbands())
+        return image_bytes + self.embeddings.numel() * self.embeddings.element_size()
+
+
+class ContentStore:
+    """LRU by bytes: the least recently used entries go first when over capacity."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self._capacity = capacity_bytes
+        self._items: OrderedDict[str, StoredItem] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, content_hash: str) -> bool:
+        return content_hash in self._items
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, content_hash: str) -> StoredItem | None:
+        """The entry, marked as recently used; counts a hit or a miss."""
+        item = self._items.get(content_hash)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(content_hash)
+        self.hits += 1
+        return item
+
+    def image(self, content_hash: str) -> Image.Image | None:
+        """The decoded image behind a handle, without counting an embedding hit."""
+        item = self._items.get(content_hash)
+        if item is None:
+            return None
+        self._items.move_to_end(content_hash)
+        return item.image
+
+    def put(self, content_hash: str, item: StoredItem) -> None:
+        """Stores an entry, evicting old ones; an entry larger than the store is not kept."""
+        if item.nbytes > self._capacity:
+            return
+        old = self._items.pop(content_hash, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+        self._items[content_hash] = item
+        self._bytes += item.nbytes
+        while self._bytes > self._capacity:
+            _, evicted = self._items.popitem(last=False)
+            self._bytes -= evicted.nbytes

@@ -1,0 +1,128 @@
+"""The encoder service's one configuration object, built once at start-up.
+
+Precedence, lowest to highest: the defaults below, the `encoder:` section of the
+model YAML (read with mmserve.modelconfig, shared with the LLM service), then
+command-line flags (whose defaults come from `MMSERVE_ENCODER_*` environment
+variables, read only in `__main__`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+# gRPC's default maximum message size; every embedding chunk must stay below it.
+GRPC_MESSAGE_LIMIT = 4 * MIB
+
+FAMILIES = ("internvl2",)
+TOWERS = ("demo",)
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderConfig:
+    """Everything the encoder service needs; immutable once built."""
+
+    host: str = "127.0.0.1"
+    port: int = 50052  # 0 picks a free port (tests)
+    family: str = "internvl2"
+    tower: str = "demo"
+    image_size: int = 448
+    max_tiles: int = 12  # InternVL2 max_num: tiles of the grid, the thumbnail comes on top
+    use_thumbnail: bool = True
+    hidden_size: int = 576  # the LLM's hidden size (576 = the embedded SmolLM2-135M)
+    dtype: str = "float32"  # dtype of the embedding rows sent to the LLM
+    seed: int = 0  # seeds the demo tower's random weights
+    max_batch_tiles: int = 32  # tiles per tower call, across concurrent requests
+    max_media_bytes: int = 20 * MIB
+    max_image_pixels: int = 40_000_000  # checked from the header, before decoding
+    max_items_per_request: int = 16
+    allow_http: bool = True  # fetch http:// and https:// URLs at all
+    allow_private_networks: bool = False  # let URLs reach loopback/private/link-local hosts
+    allowed_domains: tuple[str, ...] = ()  # empty: any domain; else the host or its subdomains
+    allowed_local_media_path: str | None = None  # None: file:// URLs are refused
+    http_connect_timeout_s: float = 5.0
+    http_read_timeout_s: float = 10.0
+    http_total_timeout_s: float = 30.0  # caps slow-drip responses as a whole
+    max_redirects: int = 3
+    chunk_bytes: int = 3 * MIB
+    cache_capacity_bytes: int = 512 * MIB  # decoded images + embeddings kept for reuse
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        # Normalise list-like input (YAML lists, repeated flags) so the object stays hashable.
+        object.__setattr__(self, "allowed_domains",
+                           tuple(d.strip().lower().rstrip(".") for d in self.allowed_domains))
+        checks = [
+            (bool(self.host), f"host must not be empty, got {self.host!r}"),
+            (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
+            (self.family in FAMILIES, f"family must be one of {FAMILIES}, got {self.family!r}"),
+            (self.tower in TOWERS, f"tower must be one of {TOWERS}, got {self.tower!r}"),
+            (self.image_size > 0 and self.image_size % 28 == 0,
+             f"image_size must be a positive multiple of 28 (patch 14, pixel shuffle 0.5), "
+             f"got {self.image_size}"),
+            (1 <= self.max_tiles <= 64, f"max_tiles must be in [1, 64], got {self.max_tiles}"),
+            (self.hidden_size > 0, f"hidden_size must be > 0, got {self.hidden_size}"),
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (self.max_batch_tiles >= 1,
+             f"max_batch_tiles must be >= 1, got {self.max_batch_tiles}"),
+            (self.max_media_bytes > 0,
+             f"max_media_bytes must be > 0, got {self.max_media_bytes}"),
+            (self.max_image_pixels > 0,
+             f"max_image_pixels must be > 0, got {self.max_image_pixels}"),
+            (self.max_items_per_request >= 1,
+             f"max_items_per_request must be >= 1, got {self.max_items_per_request}"),
+            (all(self.allowed_domains),
+             f"allowed_domains must not contain empty names, got {self.allowed_domains}"),
+            (self.allowed_local_media_path is None or Path(self.allowed_local_media_path).is_dir(),
+             f"allowed_local_media_path must be an existing directory, "
+             f"got {self.allowed_local_media_path!r}"),
+            (self.http_connect_timeout_s > 0,
+             f"http_connect_timeout_s must be > 0, got {self.http_connect_timeout_s}"),
+            (self.http_read_timeout_s > 0,
+             f"http_read_timeout_s must be > 0, got {self.http_read_timeout_s}"),
+            (self.http_total_timeout_s > 0,
+             f"http_total_timeout_s must be > 0, got {self.http_total_timeout_s}"),
+            (0 <= self.max_redirects <= 10,
+             f"max_redirects must be in [0, 10], got {self.max_redirects}"),
+            # Headroom below the gRPC limit for the chunk's own protobuf fields.
+            (1024 <= self.chunk_bytes <= GRPC_MESSAGE_LIMIT - 64 * 1024,
+             f"chunk_bytes must be in [1024, {GRPC_MESSAGE_LIMIT - 64 * 1024}] "
+             f"(below the 4 MiB gRPC message limit), got {self.chunk_bytes}"),
+            (self.cache_capacity_bytes >= 0,
+             f"cache_capacity_bytes must be >= 0, got {self.cache_capacity_bytes}"),
+            (self.shutdown_grace_s >= 0,
+             f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}"),
+        ]
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ValueError("invalid encoder config: " + "; ".join(errors))
+
+    @classmethod
+    def from_sources(cls, yaml_section: dict[str, Any] | None,
+                     args: argparse.Namespace | None = None) -> EncoderConfig:
+        """Merges the YAML `encoder:` section and parsed flags (flags win; None = not given)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        section = dict(yaml_section or {})
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise ValueError(f"unknown keys in the encoder: section of the model YAML: {unknown}; "
+                             f"valid keys are {sorted(names)}")
+        values = section
+        for name, value in vars(args or argparse.Namespace()).items():
+            if name in names and value is not None:
+                values[name] = value
+        if isinstance(values.get("allowed_domains"), str):
+            values["allowed_domains"] = (values["allowed_domains"],)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values in field order, e.g. to print the effective config as YAML."""
+        values = dataclasses.asdict(self)
+        values["allowed_domains"] = list(self.allowed_domains)
+        return values
+

@@ -1,0 +1,1 @@
+"""Per-family media preprocessing (tiling, normalisation, content hashing)."""

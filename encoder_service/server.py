@@ -1,0 +1,191 @@
+"""The gRPC edge: protobuf <-> domain objects, error -> status mapping, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from encoder_service.config import EncoderConfig
+from encoder_service.encoder import EncodedItem, Encoder, MediaItem
+from encoder_service.errors import EncoderError, Unavailable, status_code
+from encoder_service.families.internvl import tokens_per_tile
+from encoder_service.media import MediaRef
+from encoder_service.towers import Tower, build_tower
+from encoder_service.wire import dtype_to_pb, tensor_to_chunks, torch_dtype
+from protos.stubs import load
+
+common_pb2 = load("common_pb2")
+encoder_pb2 = load("encoder_pb2")
+encoder_pb2_grpc = load("encoder_pb2_grpc")
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
+_MODALITY = {common_pb2.MODALITY_UNSPECIFIED: "image", common_pb2.MODALITY_IMAGE: "image",
+             common_pb2.MODALITY_AUDIO: "audio"}
+
+
+def request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> str:
+    """The `x-request-id` metadata value (propagated by the LLM service), else a new id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return str(value)
+    return fallback or uuid.uuid4().hex[:16]
+
+
+def _map_errors(handler):
+    """Turns every exception leaving an RPC into a status, once: encoder errors keep their
+    message; anything else is logged here and reaches the client as a bare INTERNAL."""
+
+    async def abort(request, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        if isinstance(error, EncoderError):
+            await context.abort(status_code(error), str(error))
+        rid = request_id(context, getattr(request, "request_id", "") or "-")
+        log.error("%s failed request_id=%s", handler.__name__, rid, exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal encoder error; see the server log")
+
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def stream(self, request, context):
+            try:
+                async for response in handler(self, request, context):
+                    yield response
+            except Exception as error:
+                await abort(request, context, error)
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except Exception as error:
+            await abort(request, context, error)
+    return unary
+
+
+def item_from_pb(item: encoder_pb2.MediaItem) -> MediaItem:
+    ref = MediaRef(url=item.ref.url, data=item.ref.data, mime_type=item.ref.mime_type)
+    modality = _MODALITY.get(item.modality, f"unknown ({item.modality})")
+    return MediaItem(ref=ref, modality=modality, max_tiles=item.max_tiles)
+
+
+def header_to_pb(result: EncodedItem) -> encoder_pb2.ItemHeader:
+    return encoder_pb2.ItemHeader(num_tokens=result.num_tokens,
+                                  hidden_size=result.embeddings.shape[1],
+                                  dtype=dtype_to_pb(result.embeddings.dtype),
+                                  content_hash=result.content_hash, num_tiles=result.num_tiles)
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+    """Thin: decodes requests, calls the Encoder, encodes responses."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        self._config = config
+        self.encoder: Encoder | None = None  # set once the tower is loaded
+
+    @_map_errors
+    async def Encode(self, request: encoder_pb2.EncodeRequest,
+                     context: grpc.aio.ServicerContext):
+        if self.encoder is None:
+            raise Unavailable("the encoder is still loading its tower; retry shortly")
+        rid = request_id(context, request.request_id)
+        started = time.perf_counter()
+        tiles = cached = 0
+        outcome = "INTERNAL"
+        try:
+            items = [item_from_pb(item) for item in request.items]
+            async with contextlib.aclosing(self.encoder.encode_all(items)) as results:
+                index = 0
+                async for result in results:
+                    yield encoder_pb2.EncodeResponse(item_index=index, header=header_to_pb(result))
+                    for chunk in tensor_to_chunks(result.embeddings, self._config.chunk_bytes):
+                        yield encoder_pb2.EncodeResponse(item_index=index, chunk=chunk)
+                    tiles += result.num_tiles
+                    cached += result.cached
+                    index += 1
+            outcome = "OK"
+        except EncoderError as error:
+            outcome = status_code(error).name
+            raise
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        finally:
+            log.info("encode request_id=%s items=%d tiles=%d cached=%d status=%s ms=%.1f",
+                     rid, len(request.items), tiles, cached, outcome,
+                     (time.perf_counter() - started) * 1000)
+
+    @_map_errors
+    async def GetModelInfo(self, request: encoder_pb2.EncoderInfoRequest,
+                           context: grpc.aio.ServicerContext) -> encoder_pb2.EncoderInfo:
+        config = self._config
+        return encoder_pb2.EncoderInfo(
+            family=config.family, hidden_size=config.hidden_size,
+            dtype=dtype_to_pb(torch_dtype(config.dtype)), modalities=[common_pb2.MODALITY_IMAGE],
+            tokens_per_tile=tokens_per_tile(config.image_size), max_tiles=config.max_tiles,
+            tower=config.tower)
+
+
+class EncoderServer:
+    """The encoder gRPC server: binds, loads the tower, reports health, stops gracefully."""
+
+    def __init__(self, config: EncoderConfig, tower: Tower | None = None) -> None:
+        self.config = config
+        self._tower = tower  # injected (tests) or built from the config in start()
+        self._servicer = EncoderServicer(config)
+        self._health = health.aio.HealthServicer()
+        # One request may carry one maximum-size image as a base64 data: URL (4/3 of the
+        # bytes); several large images go in separate calls, as the LLM service sends them.
+        max_request = config.max_media_bytes * 4 // 3 + 1024 * 1024
+        self._server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", max_request)])
+        self.port = 0
+
+    @property
+    def encoder(self) -> Encoder | None:
+        return self._servicer.encoder
+
+    async def start(self) -> int:
+        """Binds and serves; health turns SERVING once the tower is loaded. Returns the port."""
+        encoder_pb2_grpc.add_EncoderServicer_to_server(self._servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self._server)
+        host = self.config.host
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{self.config.port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind {host}:{self.config.port}: {exc}") from exc
+        await self._server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        tower = self._tower or await asyncio.to_thread(build_tower, self.config)
+        encoder = Encoder(self.config, tower)
+        encoder.start()
+        self._servicer.encoder = encoder
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("encoder serving on %s:%d family=%s tower=%s hidden_size=%d dtype=%s",
+                 host, self.port, self.config.family, self.config.tower,
+                 self.config.hidden_size, self.config.dtype)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish for `grace` seconds, then stops."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        if self._servicer.encoder is not None:
+            await self._servicer.encoder.stop()
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
