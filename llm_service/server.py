@@ -186,7 +186,9 @@ async def watch_health(engine: EngineClient, health_servicer: health.aio.HealthS
 def build_server(servicer: LLMServicer, address: str,
                  credentials: grpc.ServerCredentials | None = None):
     """A grpc.aio server with the LLM, health and reflection services; returns (server, port, health)."""
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    limit = 64 * 1024 * 1024  # above the gateway body cap: inline media must fit
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
+                                      ("grpc.max_receive_message_length", limit)])
     llm_pb2_grpc.add_LLMServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

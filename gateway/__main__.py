@@ -1,0 +1,102 @@
+"""`python -m gateway` (or `mmserve-gateway`): flags with MMSERVE_GATEWAY_* defaults → uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+
+ENV_PREFIX = "MMSERVE_GATEWAY_"
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    defaults = GatewayConfig()
+
+    def env_default(name: str, fallback: object) -> object:
+        # argparse runs `type` on string defaults, so env values are checked like flags.
+        return env.get(ENV_PREFIX + name, fallback)
+
+    parser = argparse.ArgumentParser(
+        prog="mmserve-gateway",
+        description="OpenAI-compatible REST gateway in front of the mmserve LLM service. "
+                    f"Every flag defaults to the env variable {ENV_PREFIX}<FLAG>, "
+                    f"e.g. {ENV_PREFIX}LLM_ADDRESS.")
+    parser.add_argument("--host", default=env_default("HOST", defaults.host))
+    parser.add_argument("--port", type=int, default=env_default("PORT", defaults.port))
+    parser.add_argument("--llm-address", default=env_default("LLM_ADDRESS", defaults.llm_address),
+                        help="host:port of the LLM service, or dns:///name:port to balance "
+                             "round-robin over every address of a name")
+    parser.add_argument("--model-name", default=env_default("MODEL_NAME", defaults.model_name),
+                        help="model name to advertise (default: the LLM service's model id)")
+    parser.add_argument("--api-key", action="append", dest="api_keys",
+                        help="accepted bearer token; repeatable (env: comma-separated list). "
+                             "Without any key the API is open")
+    parser.add_argument("--api-key-file", default=env_default("API_KEY_FILE", None),
+                        help="file with one key per line; blank lines and # comments skipped")
+    parser.add_argument("--max-body-bytes", type=int,
+                        default=env_default("MAX_BODY_BYTES", defaults.max_body_bytes))
+    parser.add_argument("--request-timeout", type=float,
+                        default=env_default("REQUEST_TIMEOUT", defaults.request_timeout_s),
+                        help="seconds one generation may take")
+    parser.add_argument("--ssl-certfile", default=env_default("SSL_CERTFILE", None))
+    parser.add_argument("--ssl-keyfile", default=env_default("SSL_KEYFILE", None))
+    parser.add_argument("--log-level", choices=_LOG_LEVELS,
+                        default=env_default("LOG_LEVEL", "info"))
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (keys redacted) and exit")
+    return parser
+
+
+def _api_keys(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str, ...]:
+    # Keys given as flags replace the env list; a key file adds to either.
+    keys = args.api_keys if args.api_keys is not None else env.get(ENV_PREFIX + "API_KEY",
+                                                                   "").split(",")
+    if args.api_key_file:
+        lines = Path(args.api_key_file).read_text().splitlines()
+        keys = [*keys, *(line for line in lines if not line.lstrip().startswith("#"))]
+    return tuple(key.strip() for key in keys if key.strip())
+
+
+def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> GatewayConfig:
+    return GatewayConfig(
+        host=args.host, port=args.port, llm_address=args.llm_address,
+        model_name=args.model_name or None, api_keys=_api_keys(args, env),
+        max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    env = os.environ
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    try:
+        config = build_config(args, env)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    if args.print_config:
+        shown = dataclasses.asdict(config) | {"api_keys": ["<redacted>"] * len(config.api_keys)}
+        print(json.dumps(shown, indent=2))
+        return 0
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # access_log off: the gateway writes its own line per request, with tokens and timings.
+    uvicorn.run(create_app(config), host=config.host, port=config.port,
+                ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
+                log_level=args.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

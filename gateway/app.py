@@ -1,0 +1,53 @@
+"""The gateway's ASGI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.auth import ApiKeyMiddleware
+from gateway.body_limit import BodyLimitMiddleware
+from gateway.config import GatewayConfig
+from gateway.errors import install_handlers
+from gateway.llm_client import LLMClient
+from gateway.metrics import GatewayMetrics
+from gateway.request_log import RequestLogMiddleware
+from gateway.routes import chat, completions, health, metrics, models
+from gateway.served_model import ServedModel
+
+
+def create_app(config: GatewayConfig,
+               llm_client_factory: Callable[[GatewayConfig], LLMClient] = LLMClient.from_config,
+               ) -> FastAPI:
+    """The OpenAI-compatible REST app in front of the LLM service.
+
+    `llm_client_factory` builds the LLM client when the app starts; tests pass
+    their own to point the gateway at a fake.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The gRPC channel belongs to the event loop that serves the app.
+        llm = llm_client_factory(config)
+        app.state.llm = llm
+        app.state.served_model = ServedModel(llm, config.model_name)
+        try:
+            yield
+        finally:
+            await llm.close()
+
+    app = FastAPI(title="mmserve gateway", summary="OpenAI-compatible API for mmserve",
+                  lifespan=lifespan)
+    app.state.config = config
+    app.state.metrics = GatewayMetrics()
+    for module in (chat, completions, models, health, metrics):
+        app.include_router(module.router)
+    install_handlers(app)
+    # Each add wraps the previous one, so the log (added last) sees every
+    # response, and the key is checked before any body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys)
+    app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,143 @@
+"""The gateway's connection to the LLM service, and OpenAI requests → `GenerateRequest`.
+
+The gateway forwards media references and bytes as they came: fetching,
+decoding and tokenizing all happen behind the LLM service.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import GatewayConfig
+from gateway.errors import APIError
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ContentPart,
+    GenerationRequest,
+)
+from protos.stubs import load
+
+common_pb2 = load("common_pb2")
+llm_pb2 = load("llm_pb2")
+llm_pb2_grpc = load("llm_pb2_grpc")
+
+# The whole-server entry of the standard health service, the one Kubernetes' gRPC probes ask.
+_HEALTH_SERVICE = ""
+_HEALTH_TIMEOUT_S = 2.0
+_MODEL_INFO_TIMEOUT_S = 10.0
+# Chat templates know system/user/assistant; OpenAI's newer "developer" role means system.
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_AUDIO_MIME = {"mp3": "audio/mpeg"}
+
+
+class LLMClient:
+    """One gRPC channel to the LLM service, shared by all requests.
+
+    With round-robin balancing, a `dns:///name:port` target spreads calls over
+    every address the name resolves to (e.g. a headless Kubernetes Service).
+    """
+
+    def __init__(self, address: str, request_timeout_s: float) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.lb_policy_name", "round_robin")])
+        self._llm = llm_pb2_grpc.LLMStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._request_timeout_s = request_timeout_s
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> LLMClient:
+        return cls(config.llm_address, config.request_timeout_s)
+
+    def generate(self, request: llm_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
+        """Starts the server-streaming call; `cancel()` on it aborts the generation."""
+        return self._llm.Generate(request, timeout=self._request_timeout_s,
+                                  metadata=(("x-request-id", request.request_id),))
+
+    async def model_info(self) -> llm_pb2.ModelInfo:
+        return await self._llm.GetModelInfo(llm_pb2.ModelInfoRequest(),
+                                            timeout=_MODEL_INFO_TIMEOUT_S)
+
+    async def is_serving(self) -> bool:
+        """Whether the LLM service's standard health check answers SERVING."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=_HEALTH_SERVICE), timeout=_HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def chat_request_to_pb(request: ChatCompletionRequest, request_id: str,
+                       model_id: str) -> llm_pb2.GenerateRequest:
+    messages = [
+        llm_pb2.ChatMessage(role=_ROLES[message.role], content=[
+            _part_to_pb(part, f"messages.{i}.content.{j}") for j, part in enumerate(message.content)
+        ])
+        for i, message in enumerate(request.messages)
+    ]
+    return llm_pb2.GenerateRequest(
+        request_id=request_id, model=model_id, messages=llm_pb2.Messages(messages=messages),
+        sampling=_sampling_to_pb(request, request.output_limit, request.num_logprobs))
+
+
+def completion_request_to_pb(request: CompletionRequest, request_id: str,
+                             model_id: str) -> llm_pb2.GenerateRequest:
+    pb = llm_pb2.GenerateRequest(request_id=request_id, model=model_id,
+                                 sampling=_sampling_to_pb(request, request.max_tokens,
+                                                          request.logprobs))
+    if isinstance(request.prompt, str):
+        pb.prompt = request.prompt
+    else:
+        pb.prompt_token_ids.ids.extend(request.prompt)
+    return pb
+
+
+def _part_to_pb(part: ContentPart, param: str) -> llm_pb2.ContentPart:
+    # ContentPart's validator guarantees the field named by `type` is set.
+    if part.type == "image_url":
+        return llm_pb2.ContentPart(image=common_pb2.MediaRef(url=part.image_url.url))
+    if part.type == "input_audio":
+        audio = part.input_audio
+        return llm_pb2.ContentPart(audio=common_pb2.MediaRef(
+            data=_decode_base64(audio.data, f"{param}.input_audio.data"),
+            mime_type=_AUDIO_MIME.get(audio.format, f"audio/{audio.format}")))
+    return llm_pb2.ContentPart(text=part.text)
+
+
+def _decode_base64(data: str, param: str) -> bytes:
+    try:
+        # Line-wrapped base64 (MIME style) is common; anything else that is not
+        # in the alphabet is an error rather than silently dropped.
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{param} is not valid base64", param=param) from None
+
+
+def _sampling_to_pb(request: GenerationRequest, max_tokens: int | None,
+                    logprobs: int | None) -> llm_pb2.SamplingParams:
+    return llm_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=max(request.top_k or 0, 0),  # vLLM spells "disabled" as -1, the proto as 0
+        min_p=request.min_p,
+        seed=request.seed,
+        stop=request.stop,
+        stop_token_ids=request.stop_token_ids,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        min_tokens=request.min_tokens,
+        ignore_eos=request.ignore_eos,
+        logprobs=logprobs,
+        n=request.n,
+        skip_special_tokens=request.skip_special_tokens,
+    )
