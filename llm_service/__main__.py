@@ -40,9 +40,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--tls-cert", default=env(ENV + "TLS_CERT"))
-    p.add_argument("--tls-key", default=env(ENV + "TLS_KEY"))
-    p.add_argument("--tls-ca", default=env(ENV + "TLS_CA"))
+    p.add_argument("--tls-cert", default=env(ENV + "TLS_CERT"), help="PEM server certificate")
+    p.add_argument("--tls-key", default=env(ENV + "TLS_KEY"), help="PEM key of --tls-cert")
+    p.add_argument("--tls-ca", default=env(ENV + "TLS_CA"),
+                   help="PEM CA bundle: clients must present a certificate it signed")
+    p.add_argument("--encoder-tls-ca", default=env(ENV + "ENCODER_TLS_CA"),
+                   help="PEM CA of the encoder's certificate: the encoder channel uses TLS")
+    p.add_argument("--encoder-tls-cert", default=env(ENV + "ENCODER_TLS_CERT"),
+                   help="PEM client certificate for the encoder (mTLS)")
+    p.add_argument("--encoder-tls-key", default=env(ENV + "ENCODER_TLS_KEY"),
+                   help="PEM key of --encoder-tls-cert")
     p.add_argument("--log-level", default=env(ENV + "LOG_LEVEL", "INFO"))
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     return p.parse_args(argv)

@@ -57,28 +57,39 @@ async def check_encoder(encoder: EncoderClient, hidden_size: int, wait_s: float)
     log.info("encoder: family=%s tower=%s hidden=%d", info.family, info.tower, info.hidden_size)
 
 
-def _credentials(config: LLMConfig):
+def server_credentials(config: LLMConfig) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC server, mutual when a client CA is configured; None: plaintext."""
     if config.tls_cert is None:
-        return None, None
-    cert, key = config.tls_cert.read_bytes(), config.tls_key.read_bytes()
+        return None
     ca = config.tls_ca.read_bytes() if config.tls_ca else None
-    server = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                         require_client_auth=ca is not None)
-    channel = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-    return server, channel
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=ca, require_client_auth=ca is not None)
+
+
+def encoder_credentials(config: LLMConfig) -> grpc.ChannelCredentials | None:
+    """TLS for the encoder channel (with a client certificate for mTLS); None: plaintext."""
+    if config.encoder_tls_ca is None:
+        return None
+    cert, key = config.encoder_tls_cert, config.encoder_tls_key
+    return grpc.ssl_channel_credentials(
+        root_certificates=config.encoder_tls_ca.read_bytes(),
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None)
 
 
 async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
                 ready: asyncio.Future | None = None) -> None:
     """Runs until `stop` is set (or SIGINT/SIGTERM when no event is given)."""
     started = time.monotonic()
+    # Read before the model loads, so a missing certificate fails in a second, not a minute.
+    server_creds, encoder_creds = server_credentials(config), encoder_credentials(config)
     model_dir = await asyncio.to_thread(resolve_checkpoint, config.checkpoint, config.cache_dir)
     tokenizer = load_tokenizer(model_dir)
     family = load_family(config.family, tokenizer)
     engine = build_engine(config, model_dir)
     await engine.start()
-    server_creds, channel_creds = _credentials(config)
-    encoder = EncoderClient(config.encoder_address, channel_creds) if config.encoder_address else None
+    encoder = EncoderClient(config.encoder_address, encoder_creds) if config.encoder_address else None
     try:
         if encoder is not None:
             await check_encoder(encoder, engine.hidden_size, config.encoder_wait_s)

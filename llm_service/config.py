@@ -26,7 +26,11 @@ class LLMConfig:
     grace_s: float = 5.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    tls_ca: Path | None = None  # client CA for the encoder channel / mTLS
+    tls_ca: Path | None = None  # with it, gRPC clients must present a certificate it signed
+    # The encoder channel: TLS when a CA is given, plus a client certificate for mTLS.
+    encoder_tls_cert: Path | None = None
+    encoder_tls_key: Path | None = None
+    encoder_tls_ca: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -39,6 +43,13 @@ class LLMConfig:
             raise ValueError(f"encoder_wait_s must be >= 0, got {self.encoder_wait_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError(f"tls_ca {self.tls_ca} (client certificates) needs tls_cert and tls_key")
+        if (self.encoder_tls_cert is None) != (self.encoder_tls_key is None):
+            raise ValueError("encoder_tls_cert and encoder_tls_key must be given together")
+        if self.encoder_tls_cert is not None and self.encoder_tls_ca is None:
+            raise ValueError("encoder_tls_cert needs encoder_tls_ca, the CA of the encoder's "
+                             "server certificate")
 
     @classmethod
     def from_sources(cls, sections: dict[str, dict[str, Any]], args: argparse.Namespace) -> LLMConfig:
@@ -69,4 +80,6 @@ class LLMConfig:
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+            **{f"encoder_tls_{name}": Path(value) for name in ("cert", "key", "ca")
+               if (value := getattr(args, f"encoder_tls_{name}", None))},
         )

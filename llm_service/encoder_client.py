@@ -34,14 +34,23 @@ _STATUS_ERRORS = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
-_MODALITY = {Modality.IMAGE: common_pb2.MODALITY_IMAGE, Modality.AUDIO: common_pb2.MODALITY_AUDIO}
+_MODALITY = {Modality.IMAGE: common_pb2.MODALITY_IMAGE, Modality.AUDIO: common_pb2.MODALITY_AUDIO,
+             Modality.VIDEO: common_pb2.MODALITY_VIDEO}
 
 
 @dataclass(frozen=True, slots=True)
 class EncodedItem:
     embeddings: torch.Tensor  # [num_tokens, hidden_size]
     content_hash: str
-    num_tiles: int
+    num_tiles: int  # tiles, slices, or frames for a video
+
+    def frames(self) -> list[EncodedItem]:
+        """A sampled video's rows split per frame (equal rows per frame)."""
+        if self.num_tiles < 1 or self.num_tokens % self.num_tiles:
+            raise Unavailable(f"encoder returned {self.num_tokens} rows for {self.num_tiles} frames")
+        rows = self.num_tokens // self.num_tiles
+        return [EncodedItem(self.embeddings[i * rows:(i + 1) * rows], f"{self.content_hash}:{i}", 1)
+                for i in range(self.num_tiles)]
 
     @property
     def num_tokens(self) -> int:
@@ -97,7 +106,8 @@ class EncoderClient:
             ref.url = item.url
         request = encoder_pb2.EncodeRequest(
             request_id=request_id,
-            items=[encoder_pb2.MediaItem(modality=_MODALITY[item.modality], ref=ref)],
+            items=[encoder_pb2.MediaItem(modality=_MODALITY[item.modality], ref=ref,
+                                         max_tiles=item.max_tiles, num_frames=item.num_frames)],
         )
         stub = self._stubs[next(self._next)]
         header, chunks = None, []

@@ -11,14 +11,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from llm_service.encoder_client import EncoderClient
+from llm_service.encoder_client import EncodedItem, EncoderClient
 from llm_service.engine.detokenizer import IncrementalDetokenizer
 from llm_service.engine.protocol import (
     EmbeddingSpan, EngineClient, EngineRequest, FinishReason, SamplingParams, TokenLogprob,
 )
 from llm_service.errors import InvalidRequest, Unavailable
 from llm_service.prompt.families import PromptFamily
-from llm_service.prompt.messages import Message
+from llm_service.prompt.messages import MediaRef, Message, Modality
+from llm_service.prompt.template import check_messages
 
 log = logging.getLogger(__name__)
 
@@ -146,27 +147,30 @@ class Generator:
         return ids, ()
 
     async def _prepare_chat(self, inp: GenerateInput):
-        text = self._family.template.render(inp.messages)
         media = [m for message in inp.messages for m in message.media]
         if len(media) > self._max_media_items:
             raise InvalidRequest(f"{len(media)} media items in one request; the limit is "
                                  f"{self._max_media_items}")
-        unsupported = {m.modality for m in media} - self._family.modalities
+        # A sampled video becomes image frames, so it needs image support.
+        wanted = {Modality.IMAGE if m.modality == Modality.VIDEO else m.modality for m in media}
+        unsupported = wanted - self._family.modalities
         if unsupported:
             names = ", ".join(sorted(m.name.lower() for m in unsupported))
             raise InvalidRequest(f"this model does not accept {names} input")
         if media and self._encoder is None:
             raise InvalidRequest("this deployment has no encoder service; send text only")
+        check_messages(inp.messages)  # before spending encoder time
         encoded = await self._encoder.encode(media, inp.request_id, inp.timeout) if media else []
         for item in encoded:
             if item.embeddings.shape[1] != self._hidden_size:
                 raise Unavailable(f"encoder returned rows of width {item.embeddings.shape[1]}, "
                                   f"the LLM hidden size is {self._hidden_size}")
-        prompt = self._family.builder.build(
-            text, [(m.modality, e.num_tokens) for m, e in zip(media, encoded)])
+        messages, items = expand_videos(inp.messages, encoded)
+        text = self._family.template.render(messages)
+        prompt = self._family.builder.build(text, [(r.modality, e.num_tokens) for r, e in items])
         spans = tuple(
-            EmbeddingSpan(start=s.start, embeddings=encoded[s.item].embeddings,
-                          content_hash=encoded[s.item].content_hash)
+            EmbeddingSpan(start=s.start, embeddings=items[s.item][1].embeddings,
+                          content_hash=items[s.item][1].content_hash)
             for s in prompt.slots
         )
         return prompt.token_ids, spans
@@ -178,3 +182,27 @@ class Generator:
                          tuple((t, decode([t]), lp) for t, lp in e.top))
             for e in entries
         )
+
+
+def expand_videos(messages: list[Message], encoded: list[EncodedItem]):
+    """Replaces each sampled video by its frames; returns the messages and (ref, item) pairs."""
+    queue = iter(encoded)
+    items: list[tuple[MediaRef, EncodedItem]] = []
+    out = []
+    for message in messages:
+        parts = []
+        for part in message.parts:
+            if not isinstance(part, MediaRef):
+                parts.append(part)
+                continue
+            item = next(queue)
+            if part.modality != Modality.VIDEO:
+                parts.append(part)
+                items.append((part, item))
+                continue
+            for k, frame in enumerate(item.frames(), start=1):
+                ref = MediaRef(Modality.IMAGE, max_tiles=1, frame=k)
+                parts.append(ref)
+                items.append((ref, frame))
+        out.append(Message(message.role, tuple(parts)))
+    return out, items

@@ -75,12 +75,22 @@ def sampling_from_pb(pb) -> tuple[SamplingParams, tuple[str, ...], bool]:
     return params, tuple(pb.stop), skip
 
 
-def _media_from_pb(ref, modality: Modality) -> MediaRef:
+def _media_from_pb(ref, modality: Modality, **extra) -> MediaRef:
     if ref.WhichOneof("source") == "data":
-        return MediaRef(modality, data=ref.data, mime_type=ref.mime_type)
+        return MediaRef(modality, data=ref.data, mime_type=ref.mime_type, **extra)
     if not ref.url:
         raise InvalidRequest("a media part has neither a url nor data")
-    return MediaRef(modality, url=ref.url, mime_type=ref.mime_type)
+    return MediaRef(modality, url=ref.url, mime_type=ref.mime_type, **extra)
+
+
+def _video_from_pb(video) -> list[MediaRef]:
+    if video.frames:
+        # Frames are single-tile images, as the families' video prompts expect.
+        return [_media_from_pb(f, Modality.IMAGE, max_tiles=1, frame=i + 1)
+                for i, f in enumerate(video.frames)]
+    if not video.HasField("file"):
+        raise InvalidRequest("a video part needs frames or a file")
+    return [_media_from_pb(video.file, Modality.VIDEO, num_frames=video.num_frames)]
 
 
 def messages_from_pb(messages) -> list[Message]:
@@ -95,6 +105,8 @@ def messages_from_pb(messages) -> list[Message]:
                 parts.append(_media_from_pb(part.image, Modality.IMAGE))
             elif kind == "audio":
                 parts.append(_media_from_pb(part.audio, Modality.AUDIO))
+            elif kind == "video":
+                parts.extend(_video_from_pb(part.video))
         role = "system" if m.role == "developer" else m.role
         out.append(Message(role=role, parts=tuple(parts)))
     return out

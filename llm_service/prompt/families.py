@@ -63,8 +63,11 @@ def chatml(system_default: str, end_sep: str, media_text=bare) -> RoleTemplate:
 
 
 def internvl_media(slot: MediaSlot) -> str:
-    # model.chat(): "<image>\n" for one image, "Image-k: <image>\n" for several.
+    # model.chat(): "<image>\n" for one image, "Image-k: <image>\n" for several,
+    # "Frame{k}: <image>\n" for video frames (no hyphen in InternVL2).
     marker = MARKER.format(slot.index)
+    if slot.frame:
+        return f"Frame{slot.frame}: {marker}\n"
     if slot.total > 1:
         return f"Image-{slot.of_modality + 1}: {marker}\n"
     return marker + "\n"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class Modality(enum.IntEnum):
     IMAGE = 1
     AUDIO = 2
+    VIDEO = 3  # a video file; the encoder samples frames, which become IMAGE frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,9 @@ class MediaRef:
     url: str = ""
     data: bytes = b""
     mime_type: str = ""
+    max_tiles: int = 0  # 0: the encoder's default
+    frame: int = 0  # 1-based frame number when this image is a video frame
+    num_frames: int = 0  # VIDEO only: frames to sample; 0: the encoder's default
 
 
 @dataclass(frozen=True, slots=True)

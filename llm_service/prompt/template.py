@@ -30,6 +30,7 @@ class MediaSlot:
     in_message: int  # 0-based among this modality's items in its message
     of_modality: int  # 0-based among this modality's items in the conversation
     total: int  # items of this modality in the conversation
+    frame: int = 0  # 1-based frame number for video frames
 
 
 MediaText = Callable[[MediaSlot], str]
@@ -58,7 +59,8 @@ def check_messages(messages: list[Message]) -> None:
 
 def render_contents(messages: list[Message], media_text: MediaText) -> list[str]:
     """Each message's content with its media items rendered by `media_text`, in order."""
-    totals = {m: sum(isinstance(p, MediaRef) and p.modality == m
+    # Video frames are numbered by their own frame field, not counted as images.
+    totals = {m: sum(isinstance(p, MediaRef) and p.modality == m and not p.frame
                      for msg in messages for p in msg.parts) for m in Modality}
     seen = dict.fromkeys(Modality, 0)
     index = 0
@@ -71,11 +73,12 @@ def render_contents(messages: list[Message], media_text: MediaText) -> list[str]
                 pieces.append(part.text)
                 continue
             slot = MediaSlot(part.modality, index, in_message[part.modality], seen[part.modality],
-                             totals[part.modality])
+                             totals[part.modality], part.frame)
             pieces.append(media_text(slot))
             index += 1
-            in_message[part.modality] += 1
-            seen[part.modality] += 1
+            if not part.frame:
+                in_message[part.modality] += 1
+                seen[part.modality] += 1
         out.append("".join(pieces))
     return out
 

@@ -160,3 +160,12 @@ def test_stop_tokens(tok, family, stops):
 def test_missing_special_token_names_it(smollm2_tokenizer):
     with pytest.raises(ValueError, match="IMG_CONTEXT"):
         load_family("internvl2", smollm2_tokenizer)
+
+
+def test_internvl2_video_frames_prompt(tok):
+    frames = tuple(MediaRef(Modality.IMAGE, url="f", max_tiles=1, frame=k) for k in (1, 2, 3))
+    messages = [Message("user", (*frames, IMG, TextPart("What happens?")))]
+    text = render(tok, "internvl2", messages)
+    # Frames are numbered on their own; the one real image is the only image.
+    assert text.endswith("<|im_start|>user\nFrame1: <image>\nFrame2: <image>\nFrame3: <image>\n"
+                         "<image>\nWhat happens?<|im_end|><|im_start|>assistant\n")
