@@ -1,0 +1,148 @@
+"""The vision tower as a TensorRT engine: build it from the ONNX export, run it on CUDA.
+
+The engine has one dynamic dimension, the number of tiles, with an optimization profile
+min/opt/max (InternVL2: 1 / 13 / 26 = one or two images of up to 12 tiles + thumbnail).
+
+    python -m encoder_service.towers.tensorrt vision.onnx vision.plan --dtype bfloat16 \\
+        --min-tiles 1 --opt-tiles 13 --max-tiles 26
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from encoder_service.towers.base import Tower
+from encoder_service.towers.onnx_export import INPUT_NAME, OUTPUT_NAME
+
+log = logging.getLogger(__name__)
+
+BUILD_FLAGS = {"float16": "FP16", "bfloat16": "BF16", "float32": None}
+
+
+def _trt():
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise ValueError("the TensorRT tower needs the tensorrt package (TensorRT >= 10); "
+                         f"use the GPU image (deploy/docker/Dockerfile.gpu) ({exc})") from None
+    return tensorrt
+
+
+def build_engine(onnx_path: Path, engine_path: Path, dtype: str = "bfloat16", min_tiles: int = 1,
+                 opt_tiles: int = 13, max_tiles: int = 26, image_size: int = 448,
+                 workspace_gib: float = 8.0) -> Path:
+    """Parses the ONNX file and writes a serialized engine with a dynamic tile profile."""
+    if not 1 <= min_tiles <= opt_tiles <= max_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= opt_tiles <= max_tiles, got "
+                         f"{min_tiles}/{opt_tiles}/{max_tiles}")
+    if dtype not in BUILD_FLAGS:
+        raise ValueError(f"dtype must be one of {sorted(BUILD_FLAGS)}, got {dtype!r}")
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.INFO)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if BUILD_FLAGS[dtype]:
+        config.set_flag(getattr(trt.BuilderFlag, BUILD_FLAGS[dtype]))
+    profile = builder.create_optimization_profile()
+    tile = (3, image_size, image_size)
+    profile.set_shape(INPUT_NAME, (min_tiles, *tile), (opt_tiles, *tile), (max_tiles, *tile))
+    config.add_optimization_profile(profile)
+    log.info("building the TensorRT engine (%s, tiles %d/%d/%d); this takes minutes",
+             dtype, min_tiles, opt_tiles, max_tiles)
+    started = time.monotonic()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ValueError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    log.info("wrote %s (%.1f MB) in %.0f s", engine_path, engine_path.stat().st_size / 2**20,
+             time.monotonic() - started)
+    return engine_path
+
+
+class TensorRTTower(Tower):
+    """Runs a serialized vision engine; same contract as the torch towers."""
+
+    def __init__(self, engine_path: Path, dtype: torch.dtype, image_size: int = 448,
+                 device: str = "cuda") -> None:
+        trt = _trt()
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self._engine is None:
+            raise ValueError(f"{engine_path} is not a TensorRT engine for this TensorRT "
+                             "version and GPU")
+        self._context = self._engine.create_execution_context()
+        self._device = torch.device(device)
+        self._stream = torch.cuda.Stream(self._device)
+        self.image_size = image_size
+        self.dtype = dtype
+        out_shape = self._engine.get_tensor_shape(OUTPUT_NAME)  # [-1, tokens, hidden]
+        self.tokens_per_tile, self.hidden_size = int(out_shape[1]), int(out_shape[2])
+        self._in_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(INPUT_NAME))
+        self._out_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(OUTPUT_NAME))
+        _, _, max_shape = self._engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self.max_tiles = int(max_shape[0])
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        expected = (3, self.image_size, self.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"expected pixel values [N, {', '.join(map(str, expected))}], "
+                             f"got {list(pixel_values.shape)}")
+        chunks = [self._run(chunk) for chunk in pixel_values.split(self.max_tiles)]
+        return torch.cat(chunks).to(self.dtype)
+
+    def _run(self, tiles: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.stream(self._stream):
+            inputs = tiles.to(self._device, self._in_dtype, non_blocking=True).contiguous()
+            self._context.set_input_shape(INPUT_NAME, tuple(inputs.shape))
+            output = torch.empty((inputs.shape[0], self.tokens_per_tile, self.hidden_size),
+                                 dtype=self._out_dtype, device=self._device)
+            self._context.set_tensor_address(INPUT_NAME, inputs.data_ptr())
+            self._context.set_tensor_address(OUTPUT_NAME, output.data_ptr())
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError("TensorRT vision engine execution failed")
+        self._stream.synchronize()
+        return output
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unsupported TensorRT tensor dtype {dtype}")
+    return table[dtype]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the vision TensorRT engine from ONNX")
+    parser.add_argument("onnx", type=Path)
+    parser.add_argument("engine", type=Path)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(BUILD_FLAGS))
+    parser.add_argument("--min-tiles", type=int, default=1)
+    parser.add_argument("--opt-tiles", type=int, default=13)
+    parser.add_argument("--max-tiles", type=int, default=26)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--workspace-gib", type=float, default=8.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        build_engine(args.onnx, args.engine, args.dtype, args.min_tiles, args.opt_tiles,
+                     args.max_tiles, args.image_size, args.workspace_gib)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""EngineRequest -> `tensorrt_llm.bindings.executor.Request`.
+
+Media embeddings travel as a per-request prompt table: the rows of all spans, in prompt
+order, form one `[rows, hidden]` table in the engine dtype, and the prompt positions they
+replace get the ids `vocab_size + i` for row i. The executor copies each request's table
+into its own slice of the engine's table, so ids restart at `vocab_size` in every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
+from llm_service.engine.trtllm.options import EngineLayout
+from llm_service.errors import InvalidRequest
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTable:
+    input_token_ids: list[int]
+    table: torch.Tensor | None  # [rows, hidden] in the engine dtype; None without media
+    extra_ids: list[int] | None  # one per input token: 0 for text, the media id for slots
+
+
+def media_extra_id(content_hash: str) -> int:
+    """A non-zero uint64 per media item, stable across requests and processes.
+
+    KV blocks are matched on (token id, extra id): the same image gets the same extra ids
+    (its blocks are reused), different images never share blocks even at the same fake ids.
+    """
+    digest = hashlib.blake2b(content_hash.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") or 1
+
+
+def build_prompt_table(prompt_token_ids: list[int], spans: tuple[EmbeddingSpan, ...],
+                       layout: EngineLayout, device: torch.device | str = "cpu") -> PromptTable:
+    if not spans:
+        return PromptTable(list(prompt_token_ids), None, None)
+    ordered = sorted(spans, key=lambda s: s.start)
+    _check_spans(ordered, len(prompt_token_ids), layout)
+    ids, extra_ids = list(prompt_token_ids), [0] * len(prompt_token_ids)
+    row = 0
+    for span in ordered:
+        first = layout.vocab_size + row
+        ids[span.start:span.end] = range(first, first + span.length)
+        extra_ids[span.start:span.end] = [media_extra_id(span.content_hash)] * span.length
+        row += span.length
+    table = torch.cat([span.embeddings.to(layout.dtype) for span in ordered]).contiguous()
+    return PromptTable(ids, table.to(device), extra_ids)
+
+
+def _check_spans(ordered: list[EmbeddingSpan], prompt_len: int, layout: EngineLayout) -> None:
+    rows = sum(span.length for span in ordered)
+    if layout.max_prompt_embedding_table_size == 0:
+        raise InvalidRequest("this TensorRT-LLM engine was built without a prompt table and cannot "
+                             "take images or audio; send text only")
+    if rows > layout.max_prompt_rows:
+        raise InvalidRequest(
+            f"{len(ordered)} media item(s) need {rows} embedding rows; this engine takes at most "
+            f"{layout.max_prompt_rows} per request (max_prompt_embedding_table_size "
+            f"{layout.max_prompt_embedding_table_size} / max_batch_size {layout.max_batch_size}): "
+            "send fewer or smaller images")
+    end = 0
+    for span in ordered:
+        if span.embeddings.dim() != 2 or span.embeddings.shape[1] != layout.hidden_size:
+            raise InvalidRequest(f"embedding rows have shape {list(span.embeddings.shape)}; "
+                                 f"the engine expects [rows, {layout.hidden_size}]")
+        if span.start < end or span.end > prompt_len:
+            raise InvalidRequest(f"embedding span [{span.start}, {span.end}) overlaps another "
+                                 f"or lies outside the prompt of {prompt_len} tokens")
+        end = span.end
+
+
+def sampling_config(b: ModuleType, sp: SamplingParams):
+    """SamplingConfig with only the fields that differ from the runtime defaults.
+
+    Unset fields stay None so older bindings (which lack e.g. min_p) still accept the call.
+    """
+    kwargs: dict = {}
+    if sp.greedy:
+        kwargs["top_k"] = 1
+    else:
+        kwargs["temperature"] = sp.temperature
+        if sp.top_k:
+            kwargs["top_k"] = sp.top_k
+        if sp.top_p < 1.0:
+            kwargs["top_p"] = sp.top_p
+        if sp.min_p > 0.0:
+            kwargs["min_p"] = sp.min_p
+    if sp.seed is not None:
+        kwargs["seed"] = sp.seed
+    if sp.min_tokens > 1:
+        kwargs["min_tokens"] = sp.min_tokens
+    if sp.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = sp.repetition_penalty
+    if sp.presence_penalty:
+        kwargs["presence_penalty"] = sp.presence_penalty
+    if sp.frequency_penalty:
+        kwargs["frequency_penalty"] = sp.frequency_penalty
+    if sp.n > 1:
+        kwargs["num_return_sequences"] = sp.n
+    return b.SamplingConfig(beam_width=1, **kwargs)
+
+
+def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, max_model_len: int,
+                  streaming: bool, pad_id: int | None, device: torch.device | str = "cpu"):
+    """Validates the request against the engine limits; returns (executor Request, max_tokens).
+
+    max_tokens is returned because older bindings do not expose it on the Request.
+    """
+    prompt_len = len(request.prompt_token_ids)
+    if prompt_len == 0:
+        raise InvalidRequest("the prompt is empty")
+    limit = min(layout.max_input_len, max_model_len - 1)
+    if prompt_len > limit:
+        raise InvalidRequest(f"the prompt has {prompt_len} tokens; "
+                             f"this engine takes at most {limit}")
+    prompt = build_prompt_table(request.prompt_token_ids, request.spans, layout, device)
+    sp = request.sampling
+    eos = request.eos_token_ids
+    # end_id -1 never matches, which is how TensorRT-LLM ignores EOS; further EOS ids and
+    # the caller's stop ids become single-token stop words.
+    end_id = eos[0] if eos else -1
+    stop_ids = list(dict.fromkeys((*eos[1:], *sp.stop_token_ids)))
+    tuning = None
+    if prompt.table is not None:
+        tuning = b.PromptTuningConfig(embedding_table=prompt.table,
+                                      input_token_extra_ids=prompt.extra_ids)
+    max_tokens = min(sp.max_tokens, max_model_len - prompt_len)
+    return b.Request(
+        input_token_ids=prompt.input_token_ids,
+        max_tokens=max_tokens,
+        streaming=streaming,
+        sampling_config=sampling_config(b, sp),
+        output_config=b.OutputConfig(return_log_probs=sp.logprobs is not None,
+                                     exclude_input_from_output=True),
+        end_id=end_id,
+        pad_id=pad_id if pad_id is not None else max(end_id, 0),
+        stop_words=[[token] for token in stop_ids] or None,
+        bad_words=None,
+        prompt_tuning_config=tuning,
+    ), max_tokens
