@@ -50,13 +50,20 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--image-size", "image_size", int, "tile size in pixels"),
     ("--max-tiles", "max_tiles", int, "default and maximum tiles per image (thumbnail extra)"),
     ("--use-thumbnail", "use_thumbnail", _bool, "append a whole-image thumbnail tile"),
-    ("--hidden-size", "hidden_size", int, "LLM hidden size = width of each embedding row"),
+    ("--hidden-size", "hidden_size", int, "LLM hidden size = width of each embedding row "
+     "(default: the checkpoint's; must equal it when both are given)"),
+    ("--checkpoint", "checkpoint", str, "checkpoint directory of the torch tower "
+     "(config.json + *.safetensors, original layout)"),
+    ("--device", "device", str, "torch device of the torch tower: cpu, cuda, cuda:N"),
+    ("--video-frames", "video_frames", int, "frames sampled from a video by default"),
     ("--dtype", "dtype", str, f"embedding dtype on the wire: {', '.join(DTYPES)}"),
     ("--seed", "seed", int, "seed of the demo tower's random weights"),
     ("--max-batch-tiles", "max_batch_tiles", int, "tiles per tower call across requests"),
     ("--max-media-bytes", "max_media_bytes", int, "largest encoded media item"),
     ("--max-image-pixels", "max_image_pixels", int, "largest image (width x height)"),
     ("--max-items-per-request", "max_items_per_request", int, "media items per Encode call"),
+    ("--max-audio-seconds", "max_audio_seconds", float, "longest audio item accepted "
+     "(Megrez encodes the first 30 s)"),
     ("--allow-http", "allow_http", _bool, "fetch http(s) URLs at all"),
     ("--allow-private-networks", "allow_private_networks", _bool,
      "let URLs reach private, loopback and link-local addresses"),
@@ -71,6 +78,9 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--chunk-bytes", "chunk_bytes", int, "embedding bytes per response message (< 4 MiB)"),
     ("--cache-capacity-bytes", "cache_capacity_bytes", int, "content store size"),
     ("--shutdown-grace-s", "shutdown_grace_s", float, "seconds in-flight calls get on shutdown"),
+    ("--tls-cert", "tls_cert", str, "PEM server certificate (serves TLS; with --tls-key)"),
+    ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
+    ("--tls-ca", "tls_ca", str, "PEM CA bundle: clients must present a certificate it signed"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR (not a config field)"),
 ]
 

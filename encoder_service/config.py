@@ -14,12 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from encoder_service.families import FAMILIES as _FAMILY_MODULES
+
 MIB = 1024 * 1024
 # gRPC's default maximum message size; every embedding chunk must stay below it.
 GRPC_MESSAGE_LIMIT = 4 * MIB
 
-FAMILIES = ("internvl2",)
-TOWERS = ("demo",)
+FAMILIES = tuple(_FAMILY_MODULES)
+TOWERS = ("demo", "torch")  # torch: the real tower of `family`, loaded from `checkpoint`
+DEMO_HIDDEN_SIZE = 576  # the embedded SmolLM2-135M
+MAX_VIDEO_FRAMES = 64
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -34,13 +38,20 @@ class EncoderConfig:
     image_size: int = 448
     max_tiles: int = 12  # InternVL2 max_num: tiles of the grid, the thumbnail comes on top
     use_thumbnail: bool = True
-    hidden_size: int = 576  # the LLM's hidden size (576 = the embedded SmolLM2-135M)
+    # The LLM's hidden size. None: the checkpoint's (tower torch) or DEMO_HIDDEN_SIZE (demo);
+    # given with a checkpoint, it must equal the checkpoint's.
+    hidden_size: int | None = None
+    checkpoint: str | None = None  # torch tower's checkpoint dir (config.json + *.safetensors)
+    device: str = "cpu"  # torch device of the torch tower: cpu, cuda, cuda:N
+    video_frames: int = 8  # frames sampled from a video when the request says 0
     dtype: str = "float32"  # dtype of the embedding rows sent to the LLM
     seed: int = 0  # seeds the demo tower's random weights
     max_batch_tiles: int = 32  # tiles per tower call, across concurrent requests
     max_media_bytes: int = 20 * MIB
     max_image_pixels: int = 40_000_000  # checked from the header, before decoding
     max_items_per_request: int = 16
+    # Longer audio items are refused; Megrez encodes the first 30 s of what it accepts.
+    max_audio_seconds: float = 30.0
     allow_http: bool = True  # fetch http:// and https:// URLs at all
     allow_private_networks: bool = False  # let URLs reach loopback/private/link-local hosts
     allowed_domains: tuple[str, ...] = ()  # empty: any domain; else the host or its subdomains
@@ -52,12 +63,16 @@ class EncoderConfig:
     chunk_bytes: int = 3 * MIB
     cache_capacity_bytes: int = 512 * MIB  # decoded images + embeddings kept for reuse
     shutdown_grace_s: float = 5.0
+    # TLS: server certificate and key; with a CA, clients must present a certificate it signed.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise list-like input (YAML lists, repeated flags) so the object stays hashable.
         object.__setattr__(self, "allowed_domains",
                            tuple(d.strip().lower().rstrip(".") for d in self.allowed_domains))
-        checks = [
+        checks = [self._resolve_hidden_size(),
             (bool(self.host), f"host must not be empty, got {self.host!r}"),
             (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
             (self.family in FAMILIES, f"family must be one of {FAMILIES}, got {self.family!r}"),
@@ -67,6 +82,10 @@ class EncoderConfig:
              f"got {self.image_size}"),
             (1 <= self.max_tiles <= 64, f"max_tiles must be in [1, 64], got {self.max_tiles}"),
             (self.hidden_size > 0, f"hidden_size must be > 0, got {self.hidden_size}"),
+            (self.device == "cpu" or self.device.split(":")[0] == "cuda",
+             f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
+            (1 <= self.video_frames <= MAX_VIDEO_FRAMES,
+             f"video_frames must be in [1, {MAX_VIDEO_FRAMES}], got {self.video_frames}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (self.max_batch_tiles >= 1,
              f"max_batch_tiles must be >= 1, got {self.max_batch_tiles}"),
@@ -76,6 +95,8 @@ class EncoderConfig:
              f"max_image_pixels must be > 0, got {self.max_image_pixels}"),
             (self.max_items_per_request >= 1,
              f"max_items_per_request must be >= 1, got {self.max_items_per_request}"),
+            (0 < self.max_audio_seconds <= 3600,
+             f"max_audio_seconds must be in (0, 3600], got {self.max_audio_seconds}"),
             (all(self.allowed_domains),
              f"allowed_domains must not contain empty names, got {self.allowed_domains}"),
             (self.allowed_local_media_path is None or Path(self.allowed_local_media_path).is_dir(),
@@ -97,10 +118,37 @@ class EncoderConfig:
              f"cache_capacity_bytes must be >= 0, got {self.cache_capacity_bytes}"),
             (self.shutdown_grace_s >= 0,
              f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}"),
+            ((self.tls_cert is None) == (self.tls_key is None),
+             f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r} "
+             f"tls_key={self.tls_key!r}"),
+            (self.tls_ca is None or self.tls_cert is not None,
+             f"tls_ca (client certificates) needs tls_cert and tls_key, got tls_ca={self.tls_ca!r}"),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ValueError("invalid encoder config: " + "; ".join(errors))
+
+    def _resolve_hidden_size(self) -> tuple[bool, str]:
+        """Fills in hidden_size from the checkpoint or the demo default; (ok, error message)."""
+        if self.tower != "torch":
+            if self.hidden_size is None:
+                object.__setattr__(self, "hidden_size", DEMO_HIDDEN_SIZE)
+            return True, ""
+        if self.checkpoint is None:
+            object.__setattr__(self, "hidden_size", self.hidden_size or 1)
+            return False, "tower torch needs checkpoint (a checkpoint directory)"
+        from encoder_service.towers import checkpoint_hidden_size  # imports torch
+
+        try:
+            width = checkpoint_hidden_size(self.family, self.checkpoint)
+        except (OSError, ValueError, KeyError) as exc:
+            object.__setattr__(self, "hidden_size", self.hidden_size or 1)
+            return False, f"cannot use checkpoint {self.checkpoint!r}: {exc}"
+        given = self.hidden_size
+        object.__setattr__(self, "hidden_size", width)
+        return (given is None or given == width,
+                f"hidden_size {given} does not match the checkpoint's LLM hidden size {width} "
+                f"({self.checkpoint})")
 
     @classmethod
     def from_sources(cls, yaml_section: dict[str, Any] | None,

@@ -13,13 +13,12 @@ import torch
 
 from encoder_service.batcher import TileBatcher
 from encoder_service.cache import ContentStore, StoredItem
-from encoder_service.config import EncoderConfig
+from encoder_service.config import MAX_VIDEO_FRAMES, EncoderConfig
 from encoder_service.errors import InvalidRequest
-from encoder_service.families.internvl import FAMILY, InternVL2Preprocessor
+from encoder_service.families import build_preprocessor
 from encoder_service.media import MediaRef, MediaResolver
 from encoder_service.towers.base import Tower
-
-MODALITIES = ("image",)
+from encoder_service.video import frames_content_hash, frames_to_pixel_values, sample_frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +26,7 @@ class MediaItem:
     ref: MediaRef
     modality: str = "image"
     max_tiles: int = 0  # 0: the configured default
+    num_frames: int = 0  # video only: frames to sample; 0: the configured default
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +46,22 @@ class Encoder:
 
     def __init__(self, config: EncoderConfig, tower: Tower) -> None:
         self.config = config
-        self.preprocessor = InternVL2Preprocessor(config.image_size, config.use_thumbnail)
+        self.preprocessor = build_preprocessor(config)
         if tower.hidden_size != config.hidden_size:
             raise ValueError(f"tower output width {tower.hidden_size} != configured "
                              f"hidden_size {config.hidden_size}")
         if tower.tokens_per_tile != self.preprocessor.tokens_per_tile:
-            raise ValueError(f"tower gives {tower.tokens_per_tile} rows per tile, {FAMILY} "
+            raise ValueError(f"tower gives {tower.tokens_per_tile} rows per tile, "
+                             f"{self.preprocessor.family} "
                              f"preprocessing expects {self.preprocessor.tokens_per_tile}")
         self.tower = tower
         self.store = ContentStore(config.cache_capacity_bytes)
         self.resolver = MediaResolver(config, self.store)
         self.batcher = TileBatcher(tower, config.max_batch_tiles)
+        # Towers that take a whole item (variable-size slices, per-image merging, audio)
+        # bypass the tile batcher and run one item at a time.
+        self._encode_item = getattr(tower, "encode_item", None)
+        self._item_lock = asyncio.Lock()
 
     def start(self) -> None:
         self.batcher.start()
@@ -86,20 +91,57 @@ class Encoder:
 
     async def encode(self, item: MediaItem) -> EncodedItem:
         """One item's embedding rows, from the store when this content was seen before."""
-        if item.modality not in MODALITIES:
-            raise InvalidRequest(f"this encoder ({FAMILY}) encodes {', '.join(MODALITIES)} only, "
-                                 f"got a {item.modality} item")
+        modalities = self.preprocessor.modalities
+        video = getattr(self.preprocessor, "samples_video", False)
+        if item.modality == "video" and video:
+            return await self._encode_video(item)
+        if item.modality not in modalities:
+            raise InvalidRequest(f"this encoder ({self.preprocessor.family}) encodes "
+                                 f"{', '.join(modalities)} only, got a {item.modality} item"
+                                 + ("; video files are sampled into image frames" if video else ""))
         max_tiles = item.max_tiles or self.config.max_tiles
         if max_tiles > self.config.max_tiles:
             raise InvalidRequest(f"max_tiles {item.max_tiles} exceeds this encoder's limit of "
                                  f"{self.config.max_tiles}; send 0 for the default")
+        if item.modality == "audio":
+            return await self._encode_audio(item)
         image = await self.resolver.load_image(item.ref)
         key = await asyncio.to_thread(self.preprocessor.content_hash, image, max_tiles)
         stored = self.store.get(key)
         if stored is not None:
             return EncodedItem(stored.embeddings, stored.num_tiles, key, cached=True)
         prepared = await asyncio.to_thread(self.preprocessor.preprocess, image, max_tiles)
-        tiles = await self.batcher.encode(prepared.pixel_values)
-        rows = tiles.reshape(-1, tiles.shape[-1])
+        rows = await self._run_tower(prepared)
         self.store.put(key, StoredItem(image, rows, prepared.num_tiles))
         return EncodedItem(rows, prepared.num_tiles, key, cached=False)
+
+    async def _encode_audio(self, item: MediaItem) -> EncodedItem:
+        """Audio is decoded to 16 kHz samples, hashed and encoded as one item. The content
+        store keeps decoded images only, so audio is not kept for reuse."""
+        data = await self.resolver.load_audio_bytes(item.ref)
+        samples = await asyncio.to_thread(self.preprocessor.decode_audio, data)
+        key = await asyncio.to_thread(self.preprocessor.content_hash, samples, 0)
+        prepared = await asyncio.to_thread(self.preprocessor.preprocess, samples, 0)
+        return EncodedItem(await self._run_tower(prepared), prepared.num_tiles, key, cached=False)
+
+    async def _encode_video(self, item: MediaItem) -> EncodedItem:
+        """Frames sampled by InternVL's rule, one tile each; the rows of all frames come back
+        as one item with num_tiles = frames. Not kept in the content store (it keeps images)."""
+        num_frames = item.num_frames or self.config.video_frames
+        if num_frames > MAX_VIDEO_FRAMES:
+            raise InvalidRequest(f"num_frames {num_frames} exceeds the limit of "
+                                 f"{MAX_VIDEO_FRAMES}; send 0 for the default")
+        data = await self.resolver.load_video_bytes(item.ref)
+        frames = await asyncio.to_thread(sample_frames, data, num_frames,
+                                         self.config.max_image_pixels)
+        key = await asyncio.to_thread(frames_content_hash, frames, self.preprocessor)
+        prepared = await asyncio.to_thread(frames_to_pixel_values, frames, self.preprocessor)
+        return EncodedItem(await self._run_tower(prepared), prepared.num_tiles, key, cached=False)
+
+    async def _run_tower(self, prepared) -> torch.Tensor:
+        """[num_tokens, hidden] rows of one preprocessed item."""
+        if self._encode_item is not None:
+            async with self._item_lock:
+                return await asyncio.to_thread(self._encode_item, prepared)
+        tiles = await self.batcher.encode(prepared.pixel_values)
+        return tiles.reshape(-1, tiles.shape[-1])

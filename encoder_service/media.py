@@ -1,4 +1,5 @@
-"""Turns a media reference into a decoded RGB image, enforcing every media limit.
+"""Turns a media reference into a decoded RGB image (or audio file bytes), enforcing every
+media limit.
 
 Sources: inline bytes, `data:` URLs, `file://` under one allow-listed directory,
 `http(s)://` (see fetcher.py) and `mm://sha256:<hex>` handles from the content store.
@@ -38,6 +39,10 @@ class MediaRef:
     mime_type: str = ""  # optional hint from the client
 
 
+_FILE_TYPES = {"audio": "audio/wav, audio/mpeg or audio/flac",
+               "video": "video/mp4, video/webm or video/x-matroska"}
+
+
 class MediaResolver:
     """Resolves and decodes media references under the configured limits."""
 
@@ -73,6 +78,29 @@ class MediaResolver:
             raise InvalidMedia("a media item has neither url nor data; set one of them")
         return await asyncio.to_thread(decode_image, data, self._config.max_image_pixels)
 
+    async def load_audio_bytes(self, ref: MediaRef) -> bytes:
+        """The audio file bytes for `ref` (inline or a data:/file:/http(s) URL), size-checked;
+        decoding and the duration limit are audio.py's."""
+        return await self._load_file_bytes(ref, "audio")
+
+    async def load_video_bytes(self, ref: MediaRef) -> bytes:
+        """The video file bytes for `ref`, size-checked; video.py decodes and samples them."""
+        return await self._load_file_bytes(ref, "video")
+
+    async def _load_file_bytes(self, ref: MediaRef, kind: str) -> bytes:
+        if ref.mime_type and not ref.mime_type.lower().startswith(f"{kind}/"):
+            raise InvalidMedia(f"mime_type {ref.mime_type!r} is not a {kind}/* type, as a {kind} "
+                               f"item needs; use {_FILE_TYPES[kind]}")
+        if ref.data and ref.url:
+            raise InvalidMedia("a media item must carry either url or data, not both")
+        if ref.data:
+            return self._check_size(ref.data, f"inline {kind}")
+        if not ref.url:
+            raise InvalidMedia("a media item has neither url nor data; set one of them")
+        if ref.url.startswith("mm:"):
+            raise InvalidMedia(f"mm://sha256 handles name stored images; send the {kind} itself")
+        return await self._read_url(ref.url, kind=kind)
+
     def _stored_image(self, url: str) -> Image.Image | None:
         if not url.startswith("mm:"):
             return None
@@ -86,10 +114,11 @@ class MediaResolver:
                                 f"evicted, so send the image itself again")
         return image
 
-    async def _read_url(self, url: str) -> bytes:
+    async def _read_url(self, url: str, kind: str = "image") -> bytes:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            return self._check_size(parse_data_url(url, self._config.max_media_bytes), "data: URL")
+            return self._check_size(parse_data_url(url, self._config.max_media_bytes, kind),
+                                    "data: URL")
         if scheme == "file":
             return await asyncio.to_thread(self._read_file, url)
         if scheme in ("http", "https"):
@@ -124,16 +153,19 @@ class MediaResolver:
         return self._check_size(data, f"file {path.name!r}")
 
 
-def parse_data_url(url: str, max_bytes: int) -> bytes:
-    """The payload of a `data:image/...;base64,...` URL, strictly decoded."""
+def parse_data_url(url: str, max_bytes: int, kind: str = "image") -> bytes:
+    """The payload of a `data:<kind>/...;base64,...` URL (kind: image, audio, video), strictly
+    decoded."""
     header, comma, payload = url[len("data:"):].partition(",")
     if not comma:
         raise InvalidMedia("malformed data: URL: no ',' separates the header from the data; "
                            "expected data:image/png;base64,<base64>")
     mime, *params = header.split(";")
-    if not mime.lower().startswith("image/"):
-        raise InvalidMedia(f"data: URL has type {mime or 'text/plain'!r}; this encoder accepts "
-                           f"images, e.g. data:image/png;base64,...")
+    if not mime.lower().startswith(f"{kind}/"):
+        example = {"image": "data:image/png;base64,...", "audio": "data:audio/wav;base64,...",
+                   "video": "data:video/mp4;base64,..."}[kind]
+        raise InvalidMedia(f"data: URL has type {mime or 'text/plain'!r}; {kind} items need "
+                           f"type {kind}/*, e.g. {example}")
     if "base64" not in (p.strip().lower() for p in params):
         raise InvalidMedia("data: URL must be base64-encoded: data:image/png;base64,<base64>")
     # Refuse an oversized payload before spending time and memory decoding it.

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import EncodedItem, Encoder, MediaItem
 from encoder_service.errors import EncoderError, Unavailable, status_code
-from encoder_service.families.internvl import tokens_per_tile
+from encoder_service.families import build_preprocessor
 from encoder_service.media import MediaRef
 from encoder_service.towers import Tower, build_tower
 from encoder_service.wire import dtype_to_pb, tensor_to_chunks, torch_dtype
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 _MODALITY = {common_pb2.MODALITY_UNSPECIFIED: "image", common_pb2.MODALITY_IMAGE: "image",
-             common_pb2.MODALITY_AUDIO: "audio"}
+             common_pb2.MODALITY_AUDIO: "audio", common_pb2.MODALITY_VIDEO: "video"}
 
 
 def request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> str:
@@ -75,7 +75,8 @@ def _map_errors(handler):
 def item_from_pb(item: encoder_pb2.MediaItem) -> MediaItem:
     ref = MediaRef(url=item.ref.url, data=item.ref.data, mime_type=item.ref.mime_type)
     modality = _MODALITY.get(item.modality, f"unknown ({item.modality})")
-    return MediaItem(ref=ref, modality=modality, max_tiles=item.max_tiles)
+    return MediaItem(ref=ref, modality=modality, max_tiles=item.max_tiles,
+                     num_frames=item.num_frames)
 
 
 def header_to_pb(result: EncodedItem) -> encoder_pb2.ItemHeader:
@@ -90,6 +91,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     def __init__(self, config: EncoderConfig) -> None:
         self._config = config
+        preprocessor = build_preprocessor(config)
+        self._tokens_per_tile = preprocessor.tokens_per_tile
+        self._modalities = [pb for pb, name in _MODALITY.items()
+                            if pb != common_pb2.MODALITY_UNSPECIFIED
+                            and name in preprocessor.modalities]
         self.encoder: Encoder | None = None  # set once the tower is loaded
 
     @_map_errors
@@ -130,9 +136,23 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         config = self._config
         return encoder_pb2.EncoderInfo(
             family=config.family, hidden_size=config.hidden_size,
-            dtype=dtype_to_pb(torch_dtype(config.dtype)), modalities=[common_pb2.MODALITY_IMAGE],
-            tokens_per_tile=tokens_per_tile(config.image_size), max_tiles=config.max_tiles,
+            dtype=dtype_to_pb(torch_dtype(config.dtype)), modalities=self._modalities,
+            tokens_per_tile=self._tokens_per_tile, max_tiles=config.max_tiles,
             tower=config.tower)
+
+
+def server_credentials(config: EncoderConfig) -> grpc.ServerCredentials | None:
+    """TLS from the configured PEM files (mutual when a client CA is given), or None."""
+    if config.tls_cert is None:
+        return None
+    with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+        pair = (key.read(), cert.read())
+    ca = None
+    if config.tls_ca is not None:
+        with open(config.tls_ca, "rb") as file:
+            ca = file.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=ca,
+                                       require_client_auth=ca is not None)
 
 
 class EncoderServer:
@@ -164,7 +184,10 @@ class EncoderServer:
         host = self.config.host
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         try:
-            self.port = self._server.add_insecure_port(f"{host}:{self.config.port}")
+            address = f"{host}:{self.config.port}"
+            credentials = server_credentials(self.config)
+            self.port = (self._server.add_secure_port(address, credentials) if credentials
+                         else self._server.add_insecure_port(address))
         except RuntimeError as exc:
             raise OSError(f"cannot bind {host}:{self.config.port}: {exc}") from exc
         await self._server.start()

@@ -8,11 +8,13 @@ default filter (bicubic) as the reference does, for bit-identical tiles.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+
+from encoder_service.config import EncoderConfig
+from encoder_service.families import Plan, Preprocessed
 
 FAMILY = "internvl2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,14 +84,12 @@ def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
     return pixels.sub(mean).div(std).contiguous()
 
 
-@dataclass(frozen=True, slots=True)
-class Preprocessed:
-    pixel_values: torch.Tensor  # [num_tiles, 3, image_size, image_size], float32
-    num_tiles: int
-
-
 class InternVL2Preprocessor:
     """Image -> tiles -> normalised pixel values, and the content hash that names the result."""
+
+    family = FAMILY
+    modalities = ("image",)
+    samples_video = True  # video files become frames of one tile each (video.py)
 
     def __init__(self, image_size: int = 448, use_thumbnail: bool = True) -> None:
         self.image_size = image_size
@@ -101,9 +101,20 @@ class InternVL2Preprocessor:
         tiles = columns * rows
         return tiles + 1 if self.use_thumbnail and tiles != 1 else tiles
 
+    def plan(self, image: Image.Image, max_tiles: int) -> Plan:
+        grid = tile_grid(image.width, image.height, self.image_size, max_tiles)
+        tiles = self.num_tiles(image.width, image.height, max_tiles)
+        thumbnail = self.use_thumbnail and grid != (1, 1)
+        return Plan(FAMILY, tiles, tiles * self.tokens_per_tile,
+                    self.content_hash(image, max_tiles), grid,
+                    {"thumbnail": thumbnail, "resized": [grid[0] * self.image_size,
+                                                         grid[1] * self.image_size]})
+
     def preprocess(self, image: Image.Image, max_tiles: int) -> Preprocessed:
-        tiles = dynamic_preprocess(image, self.image_size, max_tiles, self.use_thumbnail)
-        return Preprocessed(pixel_values=to_pixel_values(tiles), num_tiles=len(tiles))
+        # RGB before resizing, as the reference loads it (PIL resizes RGBA premultiplied).
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        tiles = dynamic_preprocess(rgb, self.image_size, max_tiles, self.use_thumbnail)
+        return Preprocessed(to_pixel_values(tiles), len(tiles), len(tiles) * self.tokens_per_tile)
 
     def content_hash(self, image: Image.Image, max_tiles: int) -> str:
         """sha256 (hex) of the RGB pixels, the size and every parameter that shapes the output."""
@@ -113,3 +124,7 @@ class InternVL2Preprocessor:
         digest = hashlib.sha256(params.encode())
         digest.update(rgb.tobytes())
         return digest.hexdigest()
+
+
+def build_preprocessor(config: EncoderConfig) -> InternVL2Preprocessor:
+    return InternVL2Preprocessor(config.image_size, config.use_thumbnail)

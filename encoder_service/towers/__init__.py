@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from encoder_service.config import EncoderConfig
 from encoder_service.towers.base import Tower
 from encoder_service.wire import torch_dtype
+
+# family -> module of its real tower (tower "torch"); each exposes
+# `build(config) -> Tower` and `output_width(checkpoint_dir) -> int`.
+TORCH_TOWERS: dict[str, str] = {
+    "internvl2": "encoder_service.towers.internvit",
+    "qwen-vl-chat": "encoder_service.towers.qwenvl",
+    "llava-1.6": "encoder_service.towers.clip",
+    "megrez-omni": "encoder_service.towers.siglip",
+}
+
+
+def _torch_tower_module(family: str) -> ModuleType:
+    if family not in TORCH_TOWERS:
+        raise ValueError(f"family {family!r} has no torch tower; families with one: "
+                         f"{sorted(TORCH_TOWERS)}")
+    return importlib.import_module(TORCH_TOWERS[family])
+
+
+def checkpoint_hidden_size(family: str, checkpoint_dir: str) -> int:
+    """Width of the rows the family's tower produces from this checkpoint (its LLM width)."""
+    return _torch_tower_module(family).output_width(checkpoint_dir)
 
 
 def build_tower(config: EncoderConfig) -> Tower:
@@ -14,7 +38,9 @@ def build_tower(config: EncoderConfig) -> Tower:
 
         return DemoTower(hidden_size=config.hidden_size, dtype=torch_dtype(config.dtype),
                          seed=config.seed, image_size=config.image_size)
+    if config.tower == "torch":
+        return _torch_tower_module(config.family).build(config)
     raise ValueError(f"unknown tower {config.tower!r}")
 
 
-__all__ = ["Tower", "build_tower"]
+__all__ = ["Tower", "build_tower", "checkpoint_hidden_size"]

@@ -1,0 +1,63 @@
+"""Shows what the encoder would do with one file, without loading a tower.
+
+    python -m encoder_service.inspect IMAGE_OR_AUDIO --family F [--max-tiles N]
+
+prints JSON: the family, the grid or slices chosen, the number of tiles/slices, the
+number of embedding rows the LLM will receive, and the content hash (the key of
+the encoder's content store and of `mm://sha256:` handles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from encoder_service.config import FAMILIES, EncoderConfig
+from encoder_service.errors import EncoderError, InvalidMedia
+from encoder_service.families import build_preprocessor
+from encoder_service.media import decode_image
+
+
+def describe(path: str, family: str, max_tiles: int | None = None) -> dict[str, Any]:
+    """The plan for the file at `path` under `family`, as a JSON-ready dict."""
+    config = EncoderConfig(family=family, **({"max_tiles": max_tiles} if max_tiles else {}))
+    preprocessor = build_preprocessor(config)
+    data = Path(path).read_bytes()
+    if len(data) > config.max_media_bytes:
+        raise InvalidMedia(f"{path} is {len(data)} bytes; the limit is {config.max_media_bytes}")
+    facts: dict[str, Any] = {"file": path}
+    try:
+        media = decode_image(data, config.max_image_pixels)
+        facts.update(modality="image", size=[media.width, media.height])
+    except InvalidMedia:
+        if "audio" not in preprocessor.modalities:
+            raise
+        # Families that take audio decode it themselves (16 kHz samples for Whisper).
+        media = preprocessor.decode_audio(data)
+        facts.update(modality="audio")
+    plan = preprocessor.plan(media, config.max_tiles)
+    return {**facts, "max_tiles": config.max_tiles, **plan.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m encoder_service.inspect",
+                                     description="preprocessing plan of one image or audio file")
+    parser.add_argument("path", metavar="IMAGE_OR_AUDIO")
+    parser.add_argument("--family", required=True, choices=FAMILIES)
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="tiles per image (default: the encoder's default)")
+    args = parser.parse_args(argv)
+    try:
+        report = describe(args.path, args.family, args.max_tiles)
+    except (OSError, ValueError, EncoderError) as exc:
+        print(f"encoder_service.inspect: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

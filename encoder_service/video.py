@@ -1,0 +1,93 @@
+"""Video -> sampled frames, as InternVL2's video recipe does it.
+
+Frames are picked with the reference `get_index` rule (the middle of each of
+`num_segments` equal segments) and each becomes one 448 tile (`max_num=1`: squash
+resize, no thumbnail) of 256 rows; the LLM side writes the `Frame{i}: <image>` prompt.
+Decoding uses PyAV (`pip install av`), imported on first use; without it video
+requests fail with a clear error and images keep working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoder_service.errors import InvalidMedia, InvalidRequest
+from encoder_service.families import Preprocessed, Preprocessor
+
+
+def get_index(max_frame: int, num_segments: int, fps: float | None = None,
+              bound: tuple[float, float] | None = None, first_idx: int = 0) -> list[int]:
+    """Frame indices to sample; `max_frame` is the last frame index (frame count - 1).
+
+    `bound` (start, end) in seconds, with `fps`, restricts sampling to that span.
+    """
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    if bound is None:
+        start_idx, end_idx = first_idx, max_frame
+    elif fps is None:
+        raise ValueError("a time bound needs the video's fps")
+    else:
+        start_idx = max(first_idx, round(bound[0] * fps))
+        end_idx = min(round(bound[1] * fps), max_frame)
+    seg_size = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + seg_size / 2 + np.round(seg_size * k)) for k in range(num_segments)]
+
+
+def _open(data: bytes):
+    try:
+        import av
+    except ImportError:
+        raise InvalidRequest("this encoder cannot decode video: PyAV is not installed "
+                             "(pip install av); send the frames as images instead") from None
+    try:
+        return av.open(io.BytesIO(data))
+    except av.FFmpegError as exc:
+        raise InvalidMedia(f"media is not a decodable video ({exc})") from None
+
+
+def sample_frames(data: bytes, num_segments: int,
+                  max_pixels: int = 40_000_000) -> list[Image.Image]:
+    """`num_segments` RGB frames of the encoded video `data`, picked by `get_index`."""
+    with _open(data) as container:
+        if not container.streams.video:
+            raise InvalidMedia("media has no video stream")
+        stream = container.streams.video[0]
+        if stream.width * stream.height > max_pixels:
+            raise InvalidMedia(f"video frames are {stream.width}x{stream.height}; the limit is "
+                               f"{max_pixels} pixels per frame")
+        # The container's frame count is missing or approximate in some formats: count.
+        total = sum(1 for _ in container.decode(stream))
+    if total == 0:
+        raise InvalidMedia("video has no frames")
+    wanted = get_index(total - 1, num_segments)
+    picked: dict[int, Image.Image] = {}
+    with _open(data) as container:
+        for index, frame in enumerate(container.decode(container.streams.video[0])):
+            if index in wanted:
+                picked[index] = frame.to_image().convert("RGB")
+            if index >= wanted[-1]:
+                break
+    return [picked[index] for index in wanted]
+
+
+def frames_content_hash(frames: Sequence[Image.Image], preprocessor: Preprocessor) -> str:
+    """sha256 (hex) over the frames' own content hashes, in order."""
+    digest = hashlib.sha256(f"video;frames={len(frames)};".encode())
+    for frame in frames:
+        digest.update(preprocessor.content_hash(frame, 1).encode())
+    return digest.hexdigest()
+
+
+def frames_to_pixel_values(frames: Sequence[Image.Image],
+                           preprocessor: Preprocessor) -> Preprocessed:
+    """One tile per frame (max_tiles=1), frames in order: num_tiles = len(frames)."""
+    prepared = [preprocessor.preprocess(frame, 1) for frame in frames]
+    return Preprocessed(torch.cat([p.pixel_values for p in prepared]), len(prepared),
+                        sum(p.num_tokens for p in prepared))
