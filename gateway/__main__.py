@@ -51,6 +51,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="seconds one generation may take")
     parser.add_argument("--ssl-certfile", default=env_default("SSL_CERTFILE", None))
     parser.add_argument("--ssl-keyfile", default=env_default("SSL_KEYFILE", None))
+    parser.add_argument("--llm-tls-ca", default=env_default("LLM_TLS_CA", None),
+                        help="PEM CA of the LLM service's certificate: the channel uses TLS")
+    parser.add_argument("--llm-tls-cert", default=env_default("LLM_TLS_CERT", None),
+                        help="PEM client certificate for the LLM service (mTLS)")
+    parser.add_argument("--llm-tls-key", default=env_default("LLM_TLS_KEY", None),
+                        help="PEM key of --llm-tls-cert")
     parser.add_argument("--log-level", choices=_LOG_LEVELS,
                         default=env_default("LOG_LEVEL", "info"))
     parser.add_argument("--print-config", action="store_true",
@@ -73,7 +79,9 @@ def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> GatewayCon
         host=args.host, port=args.port, llm_address=args.llm_address,
         model_name=args.model_name or None, api_keys=_api_keys(args, env),
         max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
-        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        llm_tls_ca=args.llm_tls_ca, llm_tls_cert=args.llm_tls_cert,
+        llm_tls_key=args.llm_tls_key)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

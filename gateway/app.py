@@ -14,7 +14,7 @@ from gateway.errors import install_handlers
 from gateway.llm_client import LLMClient
 from gateway.metrics import GatewayMetrics
 from gateway.request_log import RequestLogMiddleware
-from gateway.routes import chat, completions, health, metrics, models
+from gateway.routes import chat, completions, health, metrics, models, web
 from gateway.served_model import ServedModel
 
 
@@ -42,8 +42,9 @@ def create_app(config: GatewayConfig,
                   lifespan=lifespan)
     app.state.config = config
     app.state.metrics = GatewayMetrics()
-    for module in (chat, completions, models, health, metrics):
+    for module in (chat, completions, models, health, metrics, web):
         app.include_router(module.router)
+    app.mount(web.STATIC_PREFIX.rstrip("/"), web.static_files(), name="web")
     install_handlers(app)
     # Each add wraps the previous one, so the log (added last) sees every
     # response, and the key is checked before any body is read.

@@ -9,8 +9,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import APIError
 
-# Kubelet probes and Prometheus scrapers carry no API key.
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# Kubelet probes and Prometheus scrapers carry no API key; neither does a browser
+# loading the chat page, which then sends the key the user typed with each API call.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/"})
+OPEN_PREFIXES = ("/web/",)
 
 
 class ApiKeyMiddleware:
@@ -26,6 +28,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or not self._keys or scope["path"] in OPEN_PATHS
+                or scope["path"].startswith(OPEN_PREFIXES)
                 or self._authorized(Headers(scope=scope).get("authorization", ""))):
             await self.app(scope, receive, send)
             return

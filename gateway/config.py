@@ -37,6 +37,10 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    # TLS to the LLM service: its server CA, plus a client certificate when it requires mTLS.
+    llm_tls_ca: str | None = None
+    llm_tls_cert: str | None = None
+    llm_tls_key: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -58,6 +62,11 @@ class GatewayConfig:
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
              f"ssl_certfile and ssl_keyfile go together, got certfile={self.ssl_certfile!r} "
              f"keyfile={self.ssl_keyfile!r}"),
+            ((self.llm_tls_cert is None) == (self.llm_tls_key is None),
+             f"llm_tls_cert and llm_tls_key go together, got cert={self.llm_tls_cert!r} "
+             f"key={self.llm_tls_key!r}"),
+            (self.llm_tls_cert is None or self.llm_tls_ca is not None,
+             "llm_tls_cert needs llm_tls_ca, the CA of the LLM service's certificate"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,16 +43,18 @@ class LLMClient:
     every address the name resolves to (e.g. a headless Kubernetes Service).
     """
 
-    def __init__(self, address: str, request_timeout_s: float) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.lb_policy_name", "round_robin")])
+    def __init__(self, address: str, request_timeout_s: float,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = [("grpc.lb_policy_name", "round_robin")]
+        self._channel = (grpc.aio.secure_channel(address, credentials, options=options)
+                         if credentials else grpc.aio.insecure_channel(address, options=options))
         self._llm = llm_pb2_grpc.LLMStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._request_timeout_s = request_timeout_s
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> LLMClient:
-        return cls(config.llm_address, config.request_timeout_s)
+        return cls(config.llm_address, config.request_timeout_s, channel_credentials(config))
 
     def generate(self, request: llm_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
         """Starts the server-streaming call; `cancel()` on it aborts the generation."""
@@ -73,6 +76,19 @@ class LLMClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def channel_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
+    """TLS to the LLM service when a CA is configured, with a client certificate for mTLS."""
+    if config.llm_tls_ca is None:
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(config.llm_tls_ca),
+                                        private_key=read(config.llm_tls_key),
+                                        certificate_chain=read(config.llm_tls_cert))
 
 
 def chat_request_to_pb(request: ChatCompletionRequest, request_id: str,

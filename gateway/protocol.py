@@ -15,6 +15,8 @@ from pydantic import (
 )
 
 FinishReason = Literal["stop", "length", "abort"]
+# Counts and token ids travel as uint32 in the LLM service's protobuf messages.
+UINT32_END = 2**32
 
 
 class OpenAIModel(BaseModel):
@@ -87,7 +89,7 @@ class GenerationRequest(OpenAIModel):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, lt=UINT32_END)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=128)
@@ -97,13 +99,14 @@ class GenerationRequest(OpenAIModel):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     user: str | None = None
     # vLLM extensions.
-    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k")
+    top_k: int | None = Field(default=None, ge=-1, lt=UINT32_END,
+                              description="-1 or 0 disables top-k")
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, lt=UINT32_END)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default_factory=list)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=UINT32_END)]] = Field(default_factory=list)
 
     @property
     def include_usage(self) -> bool:
@@ -112,7 +115,7 @@ class GenerationRequest(OpenAIModel):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, lt=UINT32_END)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -140,7 +143,8 @@ def _single_prompt(prompt: Any) -> Any:
     if isinstance(prompt, list) and prompt:
         if len(prompt) == 1 and isinstance(prompt[0], str):
             return prompt[0]
-        if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
+        if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < UINT32_END
+               for t in prompt):
             return prompt
         if all(isinstance(p, str) for p in prompt):
             raise ValueError("batched prompts are not supported: send one prompt per request")

@@ -18,6 +18,14 @@ class ModelIdentity:
     system_fingerprint: str | None
     created: int
 
+    def check_output_limit(self, max_tokens: int | None, param: str) -> None:
+        """400 for a limit no request can reach, instead of a generation that runs to the
+        end of the context; smaller limits that do not fit next to the prompt are clamped."""
+        if max_tokens is not None and 0 < self.max_model_len < max_tokens:
+            raise APIError(400, f"{param}={max_tokens} is more than the model's context length "
+                                f"(max_model_len {self.max_model_len}); ask for at most "
+                                f"{self.max_model_len - 1} tokens", param=param)
+
     def envelope(self, response_id: str) -> dict[str, Any]:
         """The fields every response and chunk of one request carries."""
         return {"id": response_id, "created": int(time.time()), "model": self.name,

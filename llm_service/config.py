@@ -44,7 +44,8 @@ class LLMConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_ca is not None and self.tls_cert is None:
-            raise ValueError(f"tls_ca {self.tls_ca} (client certificates) needs tls_cert and tls_key")
+            raise ValueError(f"tls_ca {self.tls_ca} (client certificates) needs tls_cert and "
+                             "tls_key")
         if (self.encoder_tls_cert is None) != (self.encoder_tls_key is None):
             raise ValueError("encoder_tls_cert and encoder_tls_key must be given together")
         if self.encoder_tls_cert is not None and self.encoder_tls_ca is None:

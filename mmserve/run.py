@@ -30,20 +30,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-port", type=int, default=50052)
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds to wait for all services (the first run converts the model)")
-    return p.parse_args(argv)
+    p.add_argument("--tls-cert", help="PEM certificate for 127.0.0.1 (server and client auth): "
+                   "the encoder and LLM services serve mutual TLS with it and present it "
+                   "as clients")
+    p.add_argument("--tls-key", help="PEM key of --tls-cert")
+    p.add_argument("--tls-ca", help="PEM CA that signed --tls-cert")
+    args = p.parse_args(argv)
+    if (args.tls_cert, args.tls_key, args.tls_ca).count(None) not in (0, 3):
+        p.error("--tls-cert, --tls-key and --tls-ca go together")
+    return args
 
 
 def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     py = sys.executable
     config = ["--config", args.config] if args.config else []
+
+    def tls(prefix: str) -> list[str]:
+        if args.tls_cert is None:
+            return []
+        return [f"--{prefix}tls-cert", args.tls_cert, f"--{prefix}tls-key", args.tls_key,
+                f"--{prefix}tls-ca", args.tls_ca]
+
     return {
         "encoder": [py, "-m", "encoder_service", "--host", "127.0.0.1",
-                    "--port", str(args.encoder_port), *config],
+                    "--port", str(args.encoder_port), *config, *tls("")],
         "llm": [py, "-m", "llm_service", "--host", "127.0.0.1", "--port", str(args.llm_port),
-                "--encoder-address", f"127.0.0.1:{args.encoder_port}", *config],
+                "--encoder-address", f"127.0.0.1:{args.encoder_port}", *config, *tls(""),
+                *tls("encoder-")],
         "gateway": [py, "-m", "gateway", "--host", args.host, "--port", str(args.port),
-                    "--llm-address", f"127.0.0.1:{args.llm_port}"],
+                    "--llm-address", f"127.0.0.1:{args.llm_port}", *tls("llm-")],
     }
+
+
+def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if args.tls_cert is None:
+        return None
+    with open(args.tls_ca, "rb") as ca, open(args.tls_key, "rb") as key, \
+            open(args.tls_cert, "rb") as cert:
+        return grpc.ssl_channel_credentials(ca.read(), key.read(), cert.read())
 
 
 async def pump(name: str, stream: asyncio.StreamReader, color: bool) -> None:
@@ -53,8 +77,10 @@ async def pump(name: str, stream: asyncio.StreamReader, color: bool) -> None:
         sys.stdout.flush()
 
 
-async def grpc_serving(address: str) -> bool:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def grpc_serving(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
+    channel = (grpc.aio.secure_channel(address, credentials) if credentials
+               else grpc.aio.insecure_channel(address))
+    async with channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=1.0)
@@ -75,9 +101,10 @@ async def http_ready(url: str) -> bool:
 
 async def wait_healthy(args: argparse.Namespace, procs: dict) -> None:
     deadline = time.monotonic() + args.start_timeout
+    credentials = channel_credentials(args)
     checks = {
-        "encoder": lambda: grpc_serving(f"127.0.0.1:{args.encoder_port}"),
-        "llm": lambda: grpc_serving(f"127.0.0.1:{args.llm_port}"),
+        "encoder": lambda: grpc_serving(f"127.0.0.1:{args.encoder_port}", credentials),
+        "llm": lambda: grpc_serving(f"127.0.0.1:{args.llm_port}", credentials),
         "gateway": lambda: http_ready(f"http://127.0.0.1:{args.port}/ready"),
     }
     pending = dict(checks)

@@ -197,3 +197,32 @@ async def test_one_log_line_per_request(client, caplog) -> None:
                            "route=/v1/chat/completions status=200 prompt_tokens=3 "
                            "completion_tokens=4 ttft_ms=")
     assert " ms=" in line
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 4097}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 10**9}, "max_completion_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, "max_tokens"),
+])
+async def test_max_tokens_beyond_the_context_length_is_a_400(client, fake_llm, route, body,
+                                                             param) -> None:
+    response = await client.post(route, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and "max_model_len 4096" in error["message"]
+    assert fake_llm.requests == []
+
+
+async def test_max_tokens_up_to_the_context_length_is_passed_on(client, fake_llm) -> None:
+    response = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4096})
+    assert response.status_code == 200
+    assert fake_llm.requests[0].sampling.max_tokens == 4096
+
+
+@pytest.mark.parametrize("field", ["min_tokens", "top_k", "max_tokens", "stop_token_ids"])
+async def test_counts_beyond_uint32_are_a_400_not_a_crash(client, fake_llm, field) -> None:
+    value = [2**32] if field == "stop_token_ids" else 2**40
+    response = await client.post("/v1/completions", json={"prompt": "hi", field: value})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"].startswith(field)
+    assert fake_llm.requests == []

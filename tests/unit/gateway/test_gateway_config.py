@@ -41,6 +41,8 @@ def test_accepts_grpc_targets(address: str) -> None:
     ({"max_body_bytes": 10}, "max_body_bytes must be >= 1024, got 10"),
     ({"request_timeout_s": 0}, "request_timeout_s must be > 0, got 0"),
     ({"ssl_certfile": "cert.pem"}, "ssl_certfile and ssl_keyfile go together"),
+    ({"llm_tls_ca": "ca.pem", "llm_tls_cert": "c.pem"}, "llm_tls_cert and llm_tls_key go together"),
+    ({"llm_tls_cert": "c.pem", "llm_tls_key": "k.pem"}, "llm_tls_cert needs llm_tls_ca"),
 ])
 def test_rejects_bad_values_naming_them(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -74,6 +76,10 @@ def test_api_key_file_adds_keys(tmp_path) -> None:
 def test_tls_flags_reach_the_config() -> None:
     config = config_from(["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])
     assert (config.ssl_certfile, config.ssl_keyfile) == ("c.pem", "k.pem")
+    config = config_from(["--llm-tls-ca", "ca.pem", "--llm-tls-cert", "c.pem",
+                          "--llm-tls-key", "k.pem"])
+    assert (config.llm_tls_ca, config.llm_tls_cert, config.llm_tls_key) == (
+        "ca.pem", "c.pem", "k.pem")
 
 
 def test_print_config_redacts_keys(capsys) -> None:

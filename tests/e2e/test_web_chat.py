@@ -1,0 +1,126 @@
+"""The web chat page in headless Chromium against the real stack: an image and a question go in,
+text streams back, Stop cancels the generation in the engine."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+
+import pytest
+from e2e_stack import MODEL, artifact_dir, png_bytes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="the playwright package is not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, mmserve_stack):
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(mmserve_stack.base + "/")
+    yield page
+    page.close()
+
+
+def wait_until(condition, timeout_s: float, message: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(message)
+
+
+def test_chat_with_an_image_streams_and_stops(page, mmserve_stack, tmp_path):
+    page.wait_for_selector(f"#model option[value='{MODEL}']", state="attached", timeout=30_000)
+    image = tmp_path / "stripes.png"
+    image.write_bytes(png_bytes(448, 448))  # one tile: a short prefill on CPU
+    page.set_input_files("#image-input", str(image))
+    page.wait_for_selector("#attachments img")
+    page.fill("#max-tokens", "500")
+    page.fill("#message", "Describe this picture, then write a very long story about it.")
+    page.click("#send")
+
+    page.wait_for_selector(".msg.user img")  # the image is part of the sent message
+    reply = page.locator(".msg.assistant .content").last
+    first = wait_until(lambda: reply.text_content(), 120, "no text streamed in")
+    # Streaming: the text keeps growing while the generation runs.
+    wait_until(lambda: len(reply.text_content()) > len(first), 30, "the text stopped growing")
+    assert mmserve_stack.engine_stats().running == 1
+    page.click("#stop")
+
+    page.wait_for_selector(".msg.assistant .note:text('(stopped)')", timeout=10_000)
+    assert page.is_enabled("#send") and not page.is_enabled("#stop")
+    stopped_at = reply.text_content()
+    # The gateway cancelled the gRPC call: the engine lets go of the request.
+    wait_until(lambda: mmserve_stack.engine_stats().running == 0, 10,
+               "the engine still runs the request after Stop")
+    assert reply.text_content() == stopped_at
+    page.screenshot(path=str(artifact_dir(tmp_path) / "web_chat_stopped.png"), full_page=True)
+
+
+def test_api_key_is_kept_in_local_storage(page):
+    page.fill("#api-key", "sk-remember-me")
+    page.dispatch_event("#api-key", "change")
+    page.reload()
+    assert page.input_value("#api-key") == "sk-remember-me"
+    assert page.evaluate("localStorage.getItem('mmserve.apiKey')") == "sk-remember-me"
+
+
+def test_pasted_image_audio_and_key_go_into_the_request(page, tmp_path):
+    """What the page sends, checked at the network boundary with a canned stream back."""
+    sent = []
+
+    def answer(route):
+        sent.append(route.request)
+        chunk = '{"choices":[{"index":0,"delta":{"content":"Heard you."},"finish_reason":null}]}'
+        route.fulfill(status=200, content_type="text/event-stream",
+                      body=f"data: {chunk}\n\ndata: [DONE]\n\n")
+
+    page.route("**/v1/chat/completions", answer)
+    page.fill("#api-key", "sk-typed")
+    page.dispatch_event("#api-key", "change")
+    audio = tmp_path / "beep.wav"
+    audio.write_bytes(b"RIFF$\x00\x00\x00WAVEfmt " + bytes(28))
+    page.set_input_files("#audio-input", str(audio))
+    page.evaluate("""async () => {
+        const canvas = document.createElement('canvas');
+        canvas.width = canvas.height = 8;
+        const png = await new Promise((resolve) => canvas.toBlob(resolve, 'image/png'));
+        const data = new DataTransfer();
+        data.items.add(new File([png], 'pasted.png', {type: 'image/png'}));
+        const box = document.getElementById('message');
+        box.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true}));
+    }""")
+    page.wait_for_selector("#attachments img")
+    page.fill("#message", "What do you hear?")
+    page.press("#message", "Enter")
+    page.wait_for_selector(".msg.assistant .content:text('Heard you.')")
+
+    (request,) = sent
+    assert request.headers["authorization"] == "Bearer sk-typed"
+    body = request.post_data_json
+    assert body["stream"] is True
+    audio_part, image_part, text_part = body["messages"][-1]["content"]
+    assert audio_part["type"] == "input_audio" and audio_part["input_audio"]["format"] == "wav"
+    assert base64.b64decode(audio_part["input_audio"]["data"]) == audio.read_bytes()
+    assert image_part["type"] == "image_url"
+    assert image_part["image_url"]["url"].startswith("data:image/png;base64,")
+    assert text_part == {"type": "text", "text": "What do you hear?"}
