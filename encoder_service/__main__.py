@@ -54,6 +54,9 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
      "(default: the checkpoint's; must equal it when both are given)"),
     ("--checkpoint", "checkpoint", str, "checkpoint directory of the torch tower "
      "(config.json + *.safetensors, original layout)"),
+    ("--tensorrt-engine", "tensorrt_engine", str, "serialized TensorRT vision engine (tower "
+     "tensorrt; build it with deploy/trtllm/build_vision.sh); --checkpoint still gives the "
+     "preprocessing and hidden size"),
     ("--device", "device", str, "torch device of the torch tower: cpu, cuda, cuda:N"),
     ("--video-frames", "video_frames", int, "frames sampled from a video by default"),
     ("--dtype", "dtype", str, f"embedding dtype on the wire: {', '.join(DTYPES)}"),

@@ -21,7 +21,9 @@ MIB = 1024 * 1024
 GRPC_MESSAGE_LIMIT = 4 * MIB
 
 FAMILIES = tuple(_FAMILY_MODULES)
-TOWERS = ("demo", "torch")  # torch: the real tower of `family`, loaded from `checkpoint`
+# torch: the real tower of `family`, loaded from `checkpoint`; tensorrt: the same tower as a
+# TensorRT engine (`tensorrt_engine`), with `checkpoint` for its configuration.
+TOWERS = ("demo", "torch", "tensorrt")
 DEMO_HIDDEN_SIZE = 576  # the embedded SmolLM2-135M
 MAX_VIDEO_FRAMES = 64
 DTYPES = ("float32", "float16", "bfloat16")
@@ -42,6 +44,7 @@ class EncoderConfig:
     # given with a checkpoint, it must equal the checkpoint's.
     hidden_size: int | None = None
     checkpoint: str | None = None  # torch tower's checkpoint dir (config.json + *.safetensors)
+    tensorrt_engine: str | None = None  # tower tensorrt: the serialized vision engine
     device: str = "cpu"  # torch device of the torch tower: cpu, cuda, cuda:N
     video_frames: int = 8  # frames sampled from a video when the request says 0
     dtype: str = "float32"  # dtype of the embedding rows sent to the LLM
@@ -130,13 +133,16 @@ class EncoderConfig:
 
     def _resolve_hidden_size(self) -> tuple[bool, str]:
         """Fills in hidden_size from the checkpoint or the demo default; (ok, error message)."""
-        if self.tower != "torch":
+        if self.tower == "tensorrt" and not self.tensorrt_engine:
+            object.__setattr__(self, "hidden_size", self.hidden_size or 1)
+            return False, "tower tensorrt needs tensorrt_engine (a serialized engine file)"
+        if self.tower not in ("torch", "tensorrt"):
             if self.hidden_size is None:
                 object.__setattr__(self, "hidden_size", DEMO_HIDDEN_SIZE)
             return True, ""
         if self.checkpoint is None:
             object.__setattr__(self, "hidden_size", self.hidden_size or 1)
-            return False, "tower torch needs checkpoint (a checkpoint directory)"
+            return False, f"tower {self.tower} needs checkpoint (a checkpoint directory)"
         from encoder_service.towers import checkpoint_hidden_size  # imports torch
 
         try:

@@ -40,6 +40,14 @@ def build_tower(config: EncoderConfig) -> Tower:
                          seed=config.seed, image_size=config.image_size)
     if config.tower == "torch":
         return _torch_tower_module(config.family).build(config)
+    if config.tower == "tensorrt":
+        from pathlib import Path
+
+        from encoder_service.towers.tensorrt import TensorRTTower
+
+        device = config.device if config.device.startswith("cuda") else "cuda"
+        return TensorRTTower(Path(config.tensorrt_engine), torch_dtype(config.dtype),
+                             config.image_size, device=device)
     raise ValueError(f"unknown tower {config.tower!r}")
 
 
