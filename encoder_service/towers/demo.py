@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from encoder_service.towers.base import Tower
+from encoder_service.towers.base import Tower, check_tiles
 
 PATCH_SIZE = 14
 DOWNSAMPLE_RATIO = 0.5
@@ -104,10 +104,7 @@ class DemoTower(Tower):
         self.module.eval().requires_grad_(False)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = (3, self.image_size, self.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"expected pixel values [N, {', '.join(map(str, expected))}], "
-                             f"got {list(pixel_values.shape)}")
+        check_tiles(pixel_values, self.image_size)
         # Computed in float32 (CPU half-precision kernels are slow or missing), sent in
         # the LLM's dtype.
         with torch.inference_mode():

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
 from encoder_service.config import EncoderConfig
-from encoder_service.towers.base import Tower
+from encoder_service.towers.base import ModuleTower
 from encoder_service.towers.checkpoint import load_state_dict, read_config, take
 from encoder_service.towers.demo import pixel_shuffle
 from encoder_service.wire import torch_dtype
@@ -103,7 +103,7 @@ class InternVisionProjector(nn.Module):
         return self.mlp1(vit_embeds)
 
 
-class InternViTTower(Tower):
+class InternViTTower(ModuleTower):
     """InternVL2 vision tower + projector loaded from the original checkpoint layout."""
 
     def __init__(self, checkpoint_dir: str, dtype: torch.dtype, device: str = "cpu") -> None:
@@ -136,15 +136,6 @@ class InternViTTower(Tower):
                 layer.attention.q_norm.variance_epsilon = vision.get("layer_norm_eps", 1e-6)
                 layer.attention.k_norm.variance_epsilon = vision.get("layer_norm_eps", 1e-6)
         self.module.to(self.device, self.compute_dtype).eval().requires_grad_(False)
-
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = (3, self.image_size, self.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"expected pixel values [N, {', '.join(map(str, expected))}], "
-                             f"got {list(pixel_values.shape)}")
-        with torch.inference_mode():
-            rows = self.module(pixel_values.to(self.device, self.compute_dtype))
-        return rows.to("cpu", self.dtype)
 
 
 def build(config: EncoderConfig) -> InternViTTower:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoder_service.config import EncoderConfig
-from encoder_service.towers.base import Tower
+from encoder_service.towers.base import ModuleTower
 from encoder_service.towers.checkpoint import load_state_dict, read_config
 from encoder_service.wire import torch_dtype
 
@@ -133,7 +133,7 @@ class QwenVisionTransformer(nn.Module):
         return self.ln_post(self.attn_pool(x)) @ self.proj
 
 
-class QwenVLTower(Tower):
+class QwenVLTower(ModuleTower):
     """Qwen-VL-Chat's visual tower: each 448 image -> 256 rows of the LLM width."""
 
     def __init__(self, checkpoint_dir: str, dtype: torch.dtype, device: str = "cpu") -> None:
@@ -156,15 +156,6 @@ class QwenVLTower(Tower):
             state["attn_pool.pos_embed"] = sincos_pos_embed_2d(visual["output_dim"], grid)
         self.module.load_state_dict(state, strict=True, assign=True)
         self.module.to(self.device, self.compute_dtype).eval().requires_grad_(False)
-
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = (3, self.image_size, self.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"expected pixel values [N, {', '.join(map(str, expected))}], "
-                             f"got {list(pixel_values.shape)}")
-        with torch.inference_mode():
-            rows = self.module(pixel_values.to(self.device, self.compute_dtype))
-        return rows.to("cpu", self.dtype)
 
 
 def build(config: EncoderConfig) -> QwenVLTower:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from encoder_service.towers.base import Tower
+from encoder_service.towers.base import Tower, check_tiles
 from encoder_service.towers.onnx_export import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,7 @@ class TensorRTTower(Tower):
         self.max_tiles = int(max_shape[0])
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = (3, self.image_size, self.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"expected pixel values [N, {', '.join(map(str, expected))}], "
-                             f"got {list(pixel_values.shape)}")
+        check_tiles(pixel_values, self.image_size)
         chunks = [self._run(chunk) for chunk in pixel_values.split(self.max_tiles)]
         return torch.cat(chunks).to(self.dtype)
 
