@@ -1,0 +1,52 @@
+"""The torch engine's configuration: one frozen object, built once by the service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULING = ("fcfs", "priority")
+CPU_KV_CACHE_BYTES = 512 * 1024**2  # KV budget on CPU when kv_cache_bytes is not given
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model_dir: Path  # HF safetensors checkpoint (config.json + *.safetensors)
+    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # "auto": CUDA when available
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int | None = None  # KV pool size; None: kv_cache_fraction (CUDA) / 512 MiB (CPU)
+    kv_cache_fraction: float = 0.9  # of free GPU memory after loading the weights
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
+    max_waiting: int = 256  # sequences queued before new requests get Overloaded
+    scheduling: str = "fcfs"  # "fcfs" or "priority" (EngineRequest.priority, higher first)
+    seed: int = 0  # seeds requests that bring no seed of their own
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        checks = [
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+            (1 <= self.block_size <= 1024, f"block_size must be in [1, 1024], got {self.block_size}"),
+            (self.kv_cache_bytes is None or self.kv_cache_bytes > 0,
+             f"kv_cache_bytes must be > 0 or None, got {self.kv_cache_bytes}"),
+            (0.0 < self.kv_cache_fraction <= 1.0,
+             f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}"),
+            (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.max_num_batched_tokens >= self.max_num_seqs,
+             f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+             f"({self.max_num_seqs}) so every running sequence can decode in one step"),
+            (self.max_model_len is None or self.max_model_len >= 2,
+             f"max_model_len must be >= 2 or None, got {self.max_model_len}"),
+            (self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}"),
+            (self.scheduling in SCHEDULING,
+             f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

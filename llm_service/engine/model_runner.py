@@ -1,0 +1,179 @@
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache and samples."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from llm_service.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from llm_service.engine.models.attention import AttentionMetadata, KVCache, PrefillRun
+from llm_service.engine.models.loader import load_model, read_spec
+from llm_service.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from llm_service.engine.sampler import Sampler
+from llm_service.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+@dataclass(slots=True)
+class StepInputs:
+    embeds: torch.Tensor  # [T, hidden]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    order: list[int]  # scheduled index of each row group, decodes first
+    sample_rows: list[int]  # row whose logits sample the next token, per sampling group
+    sample_seqs: list[Sequence]
+    sample_index: list[int]  # scheduled index of each sampling group
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        spec = read_spec(config.model_dir)
+        max_len = config.max_model_len or spec.max_position_embeddings
+        if max_len > spec.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's "
+                             f"max_position_embeddings {spec.max_position_embeddings}")
+        self.model = load_model(config.model_dir, self.device, self.dtype, max_len)
+        self.spec = spec
+        self.block_size = config.block_size
+        per_block = KVCache.bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads,
+                                            spec.head_dim, self.dtype)
+        num_blocks = self._kv_budget(config) // per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV budget holds no block of {per_block} bytes; raise "
+                             f"kv_cache_bytes or kv_cache_fraction")
+        self.kv_cache = KVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
+                                spec.head_dim, self.dtype, self.device)
+        # A sequence alone must always fit, or preemption could never make progress.
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        if self.max_model_len < max_len:
+            log.warning("max_model_len lowered from %d to %d to fit the KV pool (%d blocks)",
+                        max_len, self.max_model_len, num_blocks)
+        self.sampler = Sampler(config.seed)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    def _kv_budget(self, config: EngineConfig) -> int:
+        if config.kv_cache_bytes is not None:
+            return config.kv_cache_bytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * config.kv_cache_fraction)
+        return CPU_KV_CACHE_BYTES
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> RunnerOutput:
+        for seq_id in step.finished_seq_ids:
+            self.sampler.forget(seq_id)
+        inputs = self.prepare(step.scheduled)
+        hidden = self.model(inputs.embeds, inputs.positions, self.kv_cache, inputs.meta)
+        token_ids = [-1] * len(step.scheduled)
+        if not inputs.sample_rows:
+            return RunnerOutput(token_ids)
+        rows = torch.tensor(inputs.sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        tokens, logprobs = self.sampler(logits, inputs.sample_seqs)
+        ordered_logprobs = None if logprobs is None else [None] * len(step.scheduled)
+        for k, index in enumerate(inputs.sample_index):
+            token_ids[index] = tokens[k]
+            if logprobs is not None:
+                ordered_logprobs[index] = logprobs[k]
+        return RunnerOutput(token_ids, ordered_logprobs)
+
+    def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
+        bs = self.block_size
+        order = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
+        num_decodes = len(order)
+        order += [i for i, s in enumerate(scheduled) if s.num_tokens > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillRun] = []
+        sample_rows, sample_seqs, sample_index = [], [], []
+        for index in order:
+            item = scheduled[index]
+            seq, start, end = item.seq, item.start, item.start + item.num_tokens
+            table = seq.block_table
+            row = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if item.num_tokens > 1:
+                prefills.append(self._prefill_run(row, start, end, table))
+            if item.sample:
+                sample_rows.append(row + item.num_tokens - 1)
+                sample_seqs.append(seq)
+                sample_index.append(index)
+        dev = self.device
+        ids_t = torch.tensor(ids, device=dev).clamp_(0, self.spec.vocab_size - 1)
+        embeds = self.model.embed(ids_t)
+        self._write_spans(embeds, [scheduled[i] for i in order])
+        decode_blocks, decode_len, decode_mask = self._decode_tables(
+            [scheduled[i] for i in order[:num_decodes]])
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), num_decodes, decode_blocks,
+                                 decode_len, decode_mask, prefills)
+        return StepInputs(embeds, torch.tensor(positions, device=dev), meta, order, sample_rows,
+                          sample_seqs, sample_index)
+
+    def _prefill_run(self, row: int, start: int, end: int, table: list[int]) -> PrefillRun:
+        n = end - start
+        if start == 0:
+            return PrefillRun(row, row + n, n, None, None)
+        dev = self.device
+        blocks = torch.tensor(table[: -(-end // self.block_size)], device=dev)
+        keys = torch.arange(end, device=dev).unsqueeze(0)
+        queries = torch.arange(start, end, device=dev).unsqueeze(1)
+        mask = torch.zeros(n, end, dtype=self.dtype, device=dev).masked_fill_(
+            keys > queries, float("-inf"))
+        return PrefillRun(row, row + n, end, blocks, mask)
+
+    def _decode_tables(self, decodes: list[ScheduledSequence]):
+        """Padded block tables, the longest context and the padding mask of the decodes."""
+        if not decodes:
+            return None, 0, None
+        lengths = [d.start + 1 for d in decodes]
+        longest = max(lengths)
+        width = -(-longest // self.block_size)
+        tables = [d.seq.block_table[:width] for d in decodes]
+        dev = self.device
+        blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=dev)
+        if min(lengths) == longest:  # nothing to mask: SDPA's fast path (always for one decode)
+            return blocks, longest, None
+        keys = torch.arange(longest, device=dev).unsqueeze(0)
+        valid = keys < torch.tensor(lengths, device=dev).unsqueeze(1)
+        mask = torch.zeros(len(decodes), longest, dtype=self.dtype, device=dev)
+        mask.masked_fill_(~valid, float("-inf"))
+        return blocks, longest, mask.view(len(decodes), 1, 1, -1)
+
+    def _write_spans(self, embeds: torch.Tensor, items: list[ScheduledSequence]) -> None:
+        row = 0
+        for item in items:
+            seq, start, end = item.seq, item.start, item.start + item.num_tokens
+            for span in seq.spans if start < seq.num_prompt_tokens else ():
+                lo, hi = max(start, span.start), min(end, span.end)
+                if lo < hi:
+                    rows = span.embeddings[lo - span.start: hi - span.start]
+                    embeds[row + lo - start: row + hi - start] = rows.to(embeds.device, embeds.dtype)
+            row += item.num_tokens

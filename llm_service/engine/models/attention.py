@@ -1,0 +1,108 @@
+"""Paged attention in plain torch: K/V live in fixed-size blocks and are read through block tables.
+
+Rows of a step's flat batch are laid out decodes first (one token each, attended in one padded
+SDPA call over their gathered blocks), then one contiguous run per multi-token sequence (a prompt
+or a prompt chunk, attended by its own SDPA call). The same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """The preallocated pool: [num_layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.block_size = block_size
+        self.pool = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+                                dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.shape[2]
+
+    def layer(self, index: int) -> torch.Tensor:
+        """[2 (K, V), num_blocks, block_size, kv_heads, head_dim] of one layer."""
+        return self.pool[index]
+
+
+@dataclass(slots=True)
+class PrefillRun:
+    """One sequence computing `end - start` tokens in this step."""
+
+    start: int  # first row in the flat batch
+    end: int
+    context_len: int  # keys it attends to after this step
+    block_ids: torch.Tensor | None  # its blocks, when earlier tokens are already cached
+    mask: torch.Tensor | None  # [rows, context_len] additive; None: causal over the new rows
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T]: pool slot (block * block_size + offset) of each new token
+    num_decodes: int  # rows [0, num_decodes) are single-token sequences
+    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks], padded with any block id
+    decode_len: int  # keys attended by the longest decode
+    # [num_decodes, 1, 1, decode_len] additive; None when all decodes have decode_len keys
+    decode_mask: torch.Tensor | None
+    prefills: list[PrefillRun]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]; cache: this layer's
+    [2, num_blocks, block_size, kv_heads, head_dim]. Writes k, v into the cache and returns
+    the attention output, [T, heads * head_dim]."""
+    _, _, _, num_kv_heads, head_dim = cache.shape
+    cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    num_tokens, num_heads, _ = q.shape
+    if meta.num_decodes == num_tokens:
+        return _decode(q, cache, meta).view(num_tokens, -1)
+    out = q.new_empty(num_tokens, num_heads, head_dim)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], cache, meta)
+    for run in meta.prefills:
+        # 4-D [1, heads, rows, head_dim]: the CPU flash kernel takes nothing else
+        qr = q[run.start: run.end].transpose(0, 1).unsqueeze(0)
+        if run.block_ids is None:
+            kr, vr = k[run.start: run.end], v[run.start: run.end]
+        else:
+            kr = _gather(cache[0], run.block_ids)[: run.context_len]
+            vr = _gather(cache[1], run.block_ids)[: run.context_len]
+        o = F.scaled_dot_product_attention(
+            qr, kr.transpose(0, 1).unsqueeze(0), vr.transpose(0, 1).unsqueeze(0),
+            attn_mask=run.mask, is_causal=run.mask is None, enable_gqa=True)
+        out[run.start: run.end] = o[0].transpose(0, 1)
+    return out.view(num_tokens, -1)
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """[blocks * block_size, kv_heads, head_dim]: the slots of the given blocks, in order.
+    (index_select on the leading dim copies whole blocks; on any other dim it is far slower.)"""
+    return cache.index_select(0, block_ids).flatten(0, 1)
+
+
+def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    # Query heads sharing a KV head attend together as that head's "query rows",
+    # so grouped-query attention needs no repeated K/V.
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = cache.shape[3]
+    blocks = meta.decode_blocks.flatten()
+    keys = _gather(cache[0], blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
+    values = _gather(cache[1], blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    qg = q.unflatten(1, (num_kv_heads, num_heads // num_kv_heads))
+    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.decode_mask)
+    return o.reshape(n, num_heads, head_dim)

@@ -1,0 +1,206 @@
+"""The Llama-family decoder (Llama, Qwen2, InternLM2, Phi-3) with fused qkv and gate_up weights.
+
+The families differ only in their checkpoints' weight names and layouts (see loader.py), in
+biases, and in rope scaling; the computation is the same.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_service.engine.models.attention import AttentionMetadata, KVCache, paged_attention
+from llm_service.engine.models.rope import RopeSpec, RotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderSpec:
+    family: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    layer.requires_grad_(False)
+    return layer
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """x @ W^T. On CPU computed as (W @ x^T)^T, which MKL runs markedly faster for the few
+    rows of a decode step; the result is then a transposed view."""
+    if x.is_cuda:
+        return layer(x)
+    if layer.bias is None:
+        return torch.mm(layer.weight, x.t()).t()
+    return torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t()).t()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            spec.num_heads, spec.num_kv_heads, spec.head_dim)
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.qkv = _linear(spec.hidden_size, q_size + 2 * kv_size, spec.qkv_bias)
+        self.o = _linear(q_size, spec.hidden_size, spec.o_bias)
+        self.post_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.gate_up = _linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias)
+        self.down = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # contiguous: attention kernels want the head dim dense
+        qkv = linear(self.input_norm(x), self.qkv).contiguous().view(x.shape[0], -1, self.head_dim)
+        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
+        x = x + linear(paged_attention(q, k, v, cache, meta), self.o)
+        gate, up = linear(self.post_norm(x), self.gate_up).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down)
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Parameter(
+            torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
+        self.rotary: RotaryEmbedding | None = None
+
+    def setup_rotary(self, max_len: int) -> None:
+        weight = self.embed.weight
+        self.rotary = RotaryEmbedding(self.spec.rope, max_len, weight.device, weight.dtype)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """[T, hidden] input embeddings -> [T, hidden] last hidden states (before the final norm)."""
+        cos, sin = self.rotary.lookup(positions)
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, kv_cache.layer(i), meta)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head
+        hidden = self.norm(hidden)
+        return F.linear(hidden, weight) if hidden.is_cuda else torch.mm(weight, hidden.t()).t()
+
+
+WeightTransform = Callable[[torch.Tensor, DecoderSpec], torch.Tensor]
+Rule = tuple[str, str, "str | None", "WeightTransform | None"]  # regex, param, shard, transform
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """How one family's checkpoint names and layouts map onto DecoderLM's parameters."""
+
+    model_type: str
+    architectures: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    qkv_bias: bool = False
+
+    def map_name(self, name: str) -> tuple[str, str | None, WeightTransform | None] | None:
+        """HF weight name -> (parameter name, shard of a fused parameter, transform)."""
+        for pattern, target, shard, transform in self.rules:
+            m = re.fullmatch(pattern, name)
+            if m:
+                return target.format(*m.groups()), shard, transform
+        return None
+
+
+def deinterleave_wqkv(w: torch.Tensor, spec: DecoderSpec) -> torch.Tensor:
+    """InternLM2 stores qkv per KV head as [q * group, k, v]; DecoderLM wants [all q, all k, all v]."""
+    group = spec.num_heads // spec.num_kv_heads
+    rows = w.reshape(spec.num_kv_heads, group + 2, spec.head_dim, -1)
+    parts = (rows[:, :group], rows[:, group], rows[:, group + 1])
+    return torch.cat([p.reshape(-1, *w.shape[1:]) for p in parts])
+
+
+_L = r"model\.layers\.(\d+)\."
+_NORMS_AND_OUTPUTS: tuple[Rule, ...] = (
+    (r"model\.embed_tokens\.weight", "embed.weight", None, None),
+    (r"model\.norm\.weight", "norm.weight", None, None),
+    (r"lm_head\.weight", "lm_head", None, None),
+    (_L + r"input_layernorm\.weight", "layers.{0}.input_norm.weight", None, None),
+    (_L + r"post_attention_layernorm\.weight", "layers.{0}.post_norm.weight", None, None),
+    (_L + r"self_attn\.o_proj\.(weight|bias)", "layers.{0}.o.{1}", None, None),
+    (_L + r"mlp\.down_proj\.(weight|bias)", "layers.{0}.down.{1}", None, None),
+)
+_SEPARATE_PROJECTIONS: tuple[Rule, ...] = (
+    (_L + r"self_attn\.q_proj\.(weight|bias)", "layers.{0}.qkv.{1}", "q", None),
+    (_L + r"self_attn\.k_proj\.(weight|bias)", "layers.{0}.qkv.{1}", "k", None),
+    (_L + r"self_attn\.v_proj\.(weight|bias)", "layers.{0}.qkv.{1}", "v", None),
+    (_L + r"mlp\.gate_proj\.(weight|bias)", "layers.{0}.gate_up.{1}", "gate", None),
+    (_L + r"mlp\.up_proj\.(weight|bias)", "layers.{0}.gate_up.{1}", "up", None),
+)
+LLAMA = Family("llama", ("LlamaForCausalLM",), _NORMS_AND_OUTPUTS + _SEPARATE_PROJECTIONS)
+MISTRAL = Family("mistral", ("MistralForCausalLM",), _NORMS_AND_OUTPUTS + _SEPARATE_PROJECTIONS)
+QWEN2 = Family("qwen2", ("Qwen2ForCausalLM",), _NORMS_AND_OUTPUTS + _SEPARATE_PROJECTIONS,
+               qkv_bias=True)
+PHI3 = Family("phi3", ("Phi3ForCausalLM",), _NORMS_AND_OUTPUTS + (
+    (_L + r"self_attn\.qkv_proj\.weight", "layers.{0}.qkv.weight", None, None),
+    (_L + r"mlp\.gate_up_proj\.weight", "layers.{0}.gate_up.weight", None, None),
+))
+INTERNLM2 = Family("internlm2", ("InternLM2ForCausalLM",), (
+    (r"model\.tok_embeddings\.weight", "embed.weight", None, None),
+    (r"model\.norm\.weight", "norm.weight", None, None),
+    (r"output\.weight", "lm_head", None, None),
+    (_L + r"attention_norm\.weight", "layers.{0}.input_norm.weight", None, None),
+    (_L + r"ffn_norm\.weight", "layers.{0}.post_norm.weight", None, None),
+    (_L + r"attention\.wqkv\.(weight|bias)", "layers.{0}.qkv.{1}", None, deinterleave_wqkv),
+    (_L + r"attention\.wo\.(weight|bias)", "layers.{0}.o.{1}", None, None),
+    (_L + r"feed_forward\.w1\.weight", "layers.{0}.gate_up.weight", "gate", None),
+    (_L + r"feed_forward\.w3\.weight", "layers.{0}.gate_up.weight", "up", None),
+    (_L + r"feed_forward\.w2\.weight", "layers.{0}.down.weight", None, None),
+))
+
+_H = r"transformer\.h\.(\d+)\."
+# Qwen (v1, Qwen-VL-Chat's LLM): fused c_attn with bias; MLP is c_proj(w1(x) * silu(w2(x))).
+QWEN = Family("qwen", ("QWenLMHeadModel",), (
+    (r"transformer\.wte\.weight", "embed.weight", None, None),
+    (r"transformer\.ln_f\.weight", "norm.weight", None, None),
+    (r"lm_head\.weight", "lm_head", None, None),
+    (_H + r"ln_1\.weight", "layers.{0}.input_norm.weight", None, None),
+    (_H + r"ln_2\.weight", "layers.{0}.post_norm.weight", None, None),
+    (_H + r"attn\.c_attn\.(weight|bias)", "layers.{0}.qkv.{1}", None, None),
+    (_H + r"attn\.c_proj\.weight", "layers.{0}.o.weight", None, None),
+    (_H + r"mlp\.w2\.weight", "layers.{0}.gate_up.weight", "gate", None),
+    (_H + r"mlp\.w1\.weight", "layers.{0}.gate_up.weight", "up", None),
+    (_H + r"mlp\.c_proj\.weight", "layers.{0}.down.weight", None, None),
+), qkv_bias=True)
+

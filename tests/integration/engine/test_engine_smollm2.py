@@ -1,0 +1,73 @@
+"""SmolLM2-135M through TorchEngine: greedy tokens identical to transformers, one by one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llm_service.engine.async_engine import TorchEngine
+from llm_service.engine.config import EngineConfig
+from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
+
+from conftest import EOS, MAX_NEW_TOKENS
+
+pytestmark = pytest.mark.slow
+
+BYTES_PER_BLOCK = 30 * 2 * 16 * 3 * 64 * 4  # layers * (K, V) * block * kv heads * head dim * fp32
+
+CONFIGS = {
+    "default": {},
+    "chunked_prefill": {"max_num_batched_tokens": 16, "max_num_seqs": 10},
+    "preemption": {"kv_cache_bytes": 14 * BYTES_PER_BLOCK},  # 224 tokens for ~700 needed
+}
+
+
+def request(rid: str, case, **sampling) -> EngineRequest:
+    spans = ()
+    if case.span is not None:
+        start, rows = case.span
+        spans = (EmbeddingSpan(start, rows, content_hash=f"sha256:{rid}"),)
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, **sampling)
+    return EngineRequest(rid, case.ids, params, spans=spans, eos_token_ids=(EOS,))
+
+
+async def generate(engine: TorchEngine, req: EngineRequest):
+    outputs = [out async for out in engine.generate(req)]
+    return [t for out in outputs for t in out.new_token_ids], outputs
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+async def test_concurrent_requests_match_transformers(smollm2, cases, config):
+    engine = TorchEngine(EngineConfig(model_dir=smollm2.path, **CONFIGS[config]))
+    await engine.start()
+    try:
+        results = await asyncio.gather(*(
+            generate(engine, request(f"r{i}", case)) for i, case in enumerate(cases)))
+        for case, (tokens, _) in zip(cases, results):
+            assert tokens == case.expected
+        if config == "preemption":
+            assert engine._scheduler.num_preemptions > 0
+        stats = engine.stats()
+        assert (stats.kv_blocks_used, stats.running, stats.waiting) == (0, 0, 0)
+    finally:
+        await engine.shutdown()
+
+
+async def test_the_second_turn_reuses_the_first_turns_blocks(smollm2, cases):
+    engine = TorchEngine(EngineConfig(model_dir=smollm2.path))
+    await engine.start()
+    try:
+        first = cases[0]
+        await generate(engine, request("turn1", first))
+        follow_up = smollm2.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd of Italy?"
+                                             "<|im_end|>\n<|im_start|>assistant\n")
+        ids = first.ids + first.expected + follow_up
+        tokens, outputs = await generate(engine, EngineRequest(
+            "turn2", ids, SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0),
+            eos_token_ids=(EOS,)))
+        assert tokens == smollm2.greedy(ids)
+        shared = len(first.ids) + len(first.expected) - 1  # the last answer token has no KV
+        assert outputs[0].num_cached_tokens == shared // 16 * 16 > 0
+    finally:
+        await engine.shutdown()

@@ -1,0 +1,132 @@
+"""Every family's checkpoint, loaded by the engine, gives transformers' logits (fp32, atol 1e-4),
+whether a prompt is computed at once, in chunks over the paged cache, or token by token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llm_service.engine.block_manager import BlockManager
+from llm_service.engine.config import EngineConfig
+from llm_service.engine.model_runner import ModelRunner
+from llm_service.engine.models.loader import read_spec
+from llm_service.engine.outputs import ScheduledSequence
+from llm_service.engine.protocol import EngineRequest
+from llm_service.engine.sequence import Sequence
+
+from tiny_checkpoints import VOCAB, save_checkpoint
+
+ATOL = 1e-4
+LONGROPE = {"original_max_position_embeddings": 64, "rope_parameters": {
+    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+    "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.5, 2.0, 3.0, 4.0]}}
+LLAMA3 = {"rope_parameters": {
+    "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
+
+CASES = {
+    "llama": ("llama", False, {}),
+    "llama-rope-llama3": ("llama", False, LLAMA3),
+    "qwen2": ("qwen2", False, {}),
+    "qwen2-internvl-wrapped": ("qwen2", True, {}),
+    "phi3-longrope-partial": ("phi3", False, LONGROPE),
+    "internlm2": ("internlm2", False, {}),
+    "internlm2-internvl-wrapped": ("internlm2", True, {}),
+    "qwen-v1-qwen-vl": ("qwen", False, {}),
+    "llama-megrez-wrapped": ("llama", "megrez", {}),
+}
+
+
+def make_runner(model_dir, **overrides) -> ModelRunner:
+    return ModelRunner(EngineConfig(model_dir=model_dir, device="cpu", block_size=4,
+                                    kv_cache_bytes=1 << 22, **overrides))
+
+
+@torch.inference_mode()
+def engine_logits(runner: ModelRunner, tokens: list[int], chunks: list[int]) -> torch.Tensor:
+    """Logits at every position, computing the prompt in the given chunk sizes."""
+    bm = BlockManager(runner.num_blocks, runner.block_size)
+    seq = Sequence(0, EngineRequest("t", tokens), 0, runner.max_model_len)
+    logits = []
+    for n in chunks:
+        bm.append(seq, n)
+        inputs = runner.prepare([ScheduledSequence(seq, seq.num_computed_tokens, n, False)])
+        hidden = runner.model(inputs.embeds, inputs.positions, runner.kv_cache, inputs.meta)
+        logits.append(runner.model.compute_logits(hidden))
+        seq.num_computed_tokens += n
+    return torch.cat(logits)
+
+
+@torch.inference_mode()
+def reference_logits(reference, tokens: list[int]) -> torch.Tensor:
+    return reference(torch.tensor([tokens])).logits[0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    family, wrapped, overrides = CASES[case]
+    reference = save_checkpoint(tmp_path, family, seed=3, wrapped=wrapped, **overrides)
+    runner = make_runner(tmp_path)
+    assert runner.spec.family == family
+    tokens = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = reference_logits(reference, tokens)
+    assert expected.std() > 0.5  # logits that say something
+    for chunks in ([40], [13, 9, 1, 1, 16], [1] * 40):
+        got = engine_logits(runner, tokens, chunks)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_a_mixed_batch_matches_each_sequence_alone(tmp_path):
+    reference = save_checkpoint(tmp_path, "qwen2", seed=5)
+    runner = make_runner(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (9, 14, 21)]
+    bm = BlockManager(runner.num_blocks, runner.block_size)
+    seqs = [Sequence(i, EngineRequest(str(i), p), i, runner.max_model_len)
+            for i, p in enumerate(prompts)]
+    with torch.inference_mode():
+        # first step: seq 0 whole, seq 2 a first chunk
+        plan = [(seqs[0], 0, 9), (seqs[2], 0, 8)]
+        for seq, start, n in plan:
+            bm.append(seq, n)
+        inputs = runner.prepare([ScheduledSequence(s, st, n, False) for s, st, n in plan])
+        runner.model(inputs.embeds, inputs.positions, runner.kv_cache, inputs.meta)
+        seqs[0].num_computed_tokens, seqs[2].num_computed_tokens = 9, 8
+        # second step: seq 0 decodes its last prompt token again as a new one, seq 1 from
+        # scratch, seq 2 its rest over the cache; rows are laid out decodes first
+        seqs[0].token_ids.append(prompts[0][-1])
+        plan = [(seqs[1], 0, 14), (seqs[2], 8, 13), (seqs[0], 9, 1)]
+        for seq, start, n in plan:
+            bm.append(seq, n)
+        inputs = runner.prepare([ScheduledSequence(s, st, n, True) for s, st, n in plan])
+        hidden = runner.model(inputs.embeds, inputs.positions, runner.kv_cache, inputs.meta)
+        logits = runner.model.compute_logits(hidden[inputs.sample_rows])
+    full = [prompts[0] + [prompts[0][-1]], prompts[1], prompts[2]]
+    expected = [reference_logits(reference, t)[-1] for t in full]
+    torch.testing.assert_close(logits, torch.stack(expected), atol=ATOL, rtol=0)
+
+
+def test_phi3_config_file_reads_the_fused_layout(tmp_path):
+    save_checkpoint(tmp_path, "phi3")
+    spec = read_spec(tmp_path)
+    assert (spec.family, spec.num_heads, spec.num_kv_heads, spec.head_dim) == ("phi3", 4, 2, 16)
+
+
+def test_missing_weights_are_reported(tmp_path):
+    save_checkpoint(tmp_path, "llama")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks .* llama weights"):
+        make_runner(tmp_path)
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    save_checkpoint(tmp_path, "llama")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported model"):
+        make_runner(tmp_path)
