@@ -120,6 +120,13 @@ def _part_to_pb(part: ContentPart, param: str) -> llm_pb2.ContentPart:
     # ContentPart's validator guarantees the field named by `type` is set.
     if part.type == "image_url":
         return llm_pb2.ContentPart(image=common_pb2.MediaRef(url=part.image_url.url))
+    if part.type == "video":
+        return llm_pb2.ContentPart(video=llm_pb2.Video(
+            frames=[common_pb2.MediaRef(url=url) for url in part.video]))
+    if part.type == "video_url":
+        return llm_pb2.ContentPart(video=llm_pb2.Video(
+            file=common_pb2.MediaRef(url=part.video_url.url),
+            num_frames=part.video_url.num_frames or 0))
     if part.type == "input_audio":
         audio = part.input_audio
         return llm_pb2.ContentPart(audio=common_pb2.MediaRef(

@@ -40,6 +40,13 @@ class InputAudio(OpenAIModel):
     format: str = Field(min_length=1, description="wav, mp3, ...")
 
 
+class VideoURL(OpenAIModel):
+    """A video file the encoder samples into frames (the family's frame-index rule)."""
+
+    url: str = Field(min_length=1)
+    num_frames: int | None = Field(default=None, ge=1, le=64)
+
+
 class ContentPart(OpenAIModel):
     """One part of a message; `type` names the field that carries the payload.
 
@@ -47,10 +54,13 @@ class ContentPart(OpenAIModel):
     client can read ("messages.0.content.1.image_url.url").
     """
 
-    type: Literal["text", "image_url", "input_audio"]
+    type: Literal["text", "image_url", "input_audio", "video", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
     input_audio: InputAudio | None = None
+    # Video frames the client already extracted (image URLs), in order.
+    video: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    video_url: VideoURL | None = None
 
     @model_validator(mode="after")
     def _has_payload(self) -> ContentPart:

@@ -102,3 +102,20 @@ def test_completion_prompt_string_and_token_ids() -> None:
     assert (ids.WhichOneof("input"), list(ids.prompt_token_ids.ids)) == (
         "prompt_token_ids", [1, 2, 70000])
     assert not ids.sampling.HasField("logprobs")
+
+
+def test_video_frames_and_video_url_parts() -> None:
+    request = chat(messages=[{"role": "user", "content": [
+        {"type": "video", "video": ["data:image/png;base64,AA", "data:image/png;base64,AB"]},
+        {"type": "video_url", "video_url": {"url": "file:///clips/a.mp4", "num_frames": 8}},
+        {"type": "text", "text": "What happens?"}]}])
+    frames, file, text = chat_request_to_pb(request, "r", "m").messages.messages[0].content
+    assert [f.url for f in frames.video.frames] == ["data:image/png;base64,AA",
+                                                   "data:image/png;base64,AB"]
+    assert (file.video.file.url, file.video.num_frames) == ("file:///clips/a.mp4", 8)
+    assert text.text == "What happens?"
+
+
+def test_video_part_without_payload_is_rejected() -> None:
+    with pytest.raises(ValueError, match="'video'"):
+        chat(messages=[{"role": "user", "content": [{"type": "video"}]}])

@@ -68,7 +68,7 @@ def test_part_without_its_payload_is_rejected() -> None:
 
 def test_unknown_part_type_is_rejected() -> None:
     with pytest.raises(ValidationError) as info:
-        chat(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}])
+        chat(messages=[{"role": "user", "content": [{"type": "file", "file": {}}]}])
     assert error_locs(info) == [("messages", 0, "content", 0, "type")]
 
 
