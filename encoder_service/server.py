@@ -166,8 +166,13 @@ class EncoderServer:
         # One request may carry one maximum-size image as a base64 data: URL (4/3 of the
         # bytes); several large images go in separate calls, as the LLM service sends them.
         max_request = config.max_media_bytes * 4 // 3 + 1024 * 1024
-        self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", max_request)])
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", max_request),
+            # Connections end after a few minutes (in-flight calls get a grace period), so
+            # LLM pods re-resolve the encoders' DNS name and spread over pods added since.
+            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_grace_ms", 60_000),
+        ])
         self.port = 0
 
     @property
