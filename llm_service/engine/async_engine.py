@@ -85,7 +85,11 @@ class TorchEngine(EngineClient):
         self._thread = threading.Thread(target=self._run, args=(ready,), name="torch-engine",
                                         daemon=True)
         self._thread.start()
-        await ready
+        try:
+            await ready
+        except Exception as exc:
+            self._dead = f"the engine failed to start: {exc}"
+            raise
         runner, cfg = self._runner, self.config
         self.hidden_size = runner.spec.hidden_size
         self.vocab_size = runner.spec.vocab_size

@@ -17,7 +17,7 @@ class EngineConfig:
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # "auto": CUDA when available
     block_size: int = 16  # tokens per KV block
-    kv_cache_bytes: int | None = None  # KV pool size; None: kv_cache_fraction (CUDA) / 512 MiB (CPU)
+    kv_cache_bytes: int | None = None  # KV pool; None: kv_cache_fraction (CUDA), 512 MiB (CPU)
     kv_cache_fraction: float = 0.9  # of free GPU memory after loading the weights
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
@@ -32,7 +32,8 @@ class EngineConfig:
         checks = [
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
-            (1 <= self.block_size <= 1024, f"block_size must be in [1, 1024], got {self.block_size}"),
+            (1 <= self.block_size <= 1024,
+             f"block_size must be in [1, 1024], got {self.block_size}"),
             (self.kv_cache_bytes is None or self.kv_cache_bytes > 0,
              f"kv_cache_bytes must be > 0 or None, got {self.kv_cache_bytes}"),
             (0.0 < self.kv_cache_fraction <= 1.0,

@@ -38,10 +38,9 @@ class StepInputs:
     embeds: torch.Tensor  # [T, hidden]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    order: list[int]  # scheduled index of each row group, decodes first
-    sample_rows: list[int]  # row whose logits sample the next token, per sampling group
+    sample_rows: list[int]  # per sampling sequence: the row whose logits give its next token
     sample_seqs: list[Sequence]
-    sample_index: list[int]  # scheduled index of each sampling group
+    sample_index: list[int]  # per sampling sequence: its index in SchedulerOutput.scheduled
 
 
 class ModelRunner:
@@ -103,6 +102,7 @@ class ModelRunner:
         return RunnerOutput(token_ids, ordered_logprobs)
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
+        """Flat step inputs; rows are laid out decodes first, then one run per prompt chunk."""
         bs = self.block_size
         order = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
         num_decodes = len(order)
@@ -134,7 +134,7 @@ class ModelRunner:
             [scheduled[i] for i in order[:num_decodes]])
         meta = AttentionMetadata(torch.tensor(slots, device=dev), num_decodes, decode_blocks,
                                  decode_len, decode_mask, prefills)
-        return StepInputs(embeds, torch.tensor(positions, device=dev), meta, order, sample_rows,
+        return StepInputs(embeds, torch.tensor(positions, device=dev), meta, sample_rows,
                           sample_seqs, sample_index)
 
     def _prefill_run(self, row: int, start: int, end: int, table: list[int]) -> PrefillRun:
@@ -175,5 +175,6 @@ class ModelRunner:
                 lo, hi = max(start, span.start), min(end, span.end)
                 if lo < hi:
                     rows = span.embeddings[lo - span.start: hi - span.start]
-                    embeds[row + lo - start: row + hi - start] = rows.to(embeds.device, embeds.dtype)
+                    embeds[row + lo - start: row + hi - start] = rows.to(embeds.device,
+                                                                         embeds.dtype)
             row += item.num_tokens

@@ -98,9 +98,9 @@ class Sequence:
         Mixed into block hashes so that two images behind the same placeholder ids never share KV.
         """
         return tuple(
-            (span.content_hash, max(start, span.start) - span.start, min(end, span.end) - span.start)
-            for span in self.spans
-            if span.start < end and start < span.end
+            (s.content_hash, max(start, s.start) - s.start, min(end, s.end) - s.start)
+            for s in self.spans
+            if s.start < end and start < s.end
         )
 
     def fork(self, seq_id: int, index: int) -> Sequence:

@@ -109,8 +109,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
     with torch.device("meta"):
-        model = DecoderLM(spec)
-    model.to_empty(device=device).to(dtype)
+        model = DecoderLM(spec).to(dtype)  # no memory is touched before the weights arrive
+    model.to_empty(device=device)
     params = dict(model.named_parameters())
     filled = dict.fromkeys(params, 0)
     for file in files:
@@ -133,7 +133,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
                 filled[param_name] += tensor.numel()
     missing = [n for n, p in params.items() if filled[n] != p.numel()]
     if missing:
-        raise ValueError(f"{model_dir} lacks {len(missing)} {spec.family} weights, e.g. {missing[:3]}")
+        raise ValueError(f"{model_dir} lacks {len(missing)} {spec.family} weights, "
+                         f"e.g. {missing[:3]}")
     model.setup_rotary(max_len or spec.max_position_embeddings)
     return model.eval()
 

@@ -26,7 +26,7 @@ class RopeSpec:
 
     @staticmethod
     def from_config(cfg: dict, head_dim: int) -> RopeSpec:
-        """Reads both layouts: transformers 5 `rope_parameters`, older `rope_theta`+`rope_scaling`."""
+        """Reads transformers 5 `rope_parameters` as well as older `rope_theta`, `rope_scaling`."""
         params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
         rope_type = params.get("rope_type", params.get("type", "default"))
         rope_type = {"su": "longrope"}.get(rope_type, rope_type)

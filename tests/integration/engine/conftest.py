@@ -9,8 +9,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-torch.set_num_threads(2)
-
 MAX_NEW_TOKENS = 16
 EOS = 2
 QUESTIONS = [

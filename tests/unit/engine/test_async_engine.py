@@ -356,3 +356,13 @@ async def test_shutdown_aborts_running_requests(make_engine):
     assert not engine.healthy
     with pytest.raises(EngineDead):
         await engine.generate(EngineRequest("b", [1], GREEDY)).__anext__()
+
+
+async def test_a_missing_checkpoint_fails_start(tmp_path):
+    engine = TorchEngine(EngineConfig(model_dir=tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        await engine.start()
+    assert not engine.healthy
+    with pytest.raises(EngineDead, match="failed to start"):
+        await engine.generate(EngineRequest("a", [1], GREEDY)).__anext__()
+    await engine.shutdown()

@@ -34,7 +34,8 @@ def draws(logits: torch.Tensor, num: int, **sampling) -> list[int]:
 
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.0, 1.0, 3.0, 2.0], [5.0, 1.0, 3.0, 2.0]])
-    tokens, logprobs = Sampler()(logits, [make_seq(0, temperature=0.0), make_seq(1, temperature=0.0)])
+    seqs = [make_seq(0, temperature=0.0), make_seq(1, temperature=0.0)]
+    tokens, logprobs = Sampler()(logits, seqs)
     assert tokens == [2, 0] and logprobs is None
 
 
@@ -116,7 +117,8 @@ def test_a_seeded_sequence_draws_the_same_tokens_in_any_batch():
     mates = [make_seq(i, seed=None, temperature=0.5 + i / 10) for i in range(1, 6)]
     for _ in range(5):
         a = alone(logits[:1].clone(), [target])[0]
-        c = crowd(torch.cat([logits[1:4], logits[:1], logits[4:]]), mates[:3] + [twin] + mates[3:])[0]
+        batch = torch.cat([logits[1:4], logits[:1], logits[4:]])
+        c = crowd(batch, mates[:3] + [twin] + mates[3:])[0]
         assert a[0] == c[3]
 
 

@@ -1,9 +1,11 @@
 """Tiny random checkpoints saved in each family's real HF layout, with a transformers reference.
 
-InternLM2 has no transformers class: its checkpoint is written in the remote-code layout
-(`attention.wqkv` grouped per KV head as [q..q, k, v], `feed_forward.w1/w2/w3`, ...) and its
-reference is LlamaForCausalLM loaded with the same weights after de-interleaving wqkv here,
-independently of the engine's loader.
+InternLM2 has no transformers class. Its reference is the conversion to Llama: a random
+LlamaForCausalLM is written out in InternLM2's remote-code layout (`model.tok_embeddings`,
+`attention.wqkv` grouped per KV head as [q..q, k, v], `attention.wo`, `feed_forward.w1/w2/w3`,
+`attention_norm`, `ffn_norm`, `output`), interleaving q, k, v the way de-interleaving wqkv undoes
+it. The engine loads that checkpoint and must match the LlamaForCausalLM. The interleaving here
+is written independently of the engine's loader.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
-
-torch.set_num_threads(2)
 
 VOCAB = 320
 DIMS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -73,8 +73,8 @@ def _internlm2_state(llama_state: dict[str, torch.Tensor], layers: int) -> dict[
     for i in range(layers):
         src, dst = f"model.layers.{i}.", f"model.layers.{i}."
         state[dst + "attention.wqkv.weight"] = _interleave_wqkv(
-            llama_state[src + "self_attn.q_proj.weight"], llama_state[src + "self_attn.k_proj.weight"],
-            llama_state[src + "self_attn.v_proj.weight"], DIMS["num_key_value_heads"])
+            *(llama_state[src + f"self_attn.{x}_proj.weight"] for x in "qkv"),
+            DIMS["num_key_value_heads"])
         state[dst + "attention.wo.weight"] = llama_state[src + "self_attn.o_proj.weight"]
         state[dst + "feed_forward.w1.weight"] = llama_state[src + "mlp.gate_proj.weight"]
         state[dst + "feed_forward.w3.weight"] = llama_state[src + "mlp.up_proj.weight"]
@@ -108,8 +108,9 @@ def _qwen_state(qwen2_state: dict[str, torch.Tensor], layers: int) -> dict[str, 
 
 
 QWEN_CONFIG = {
-    "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": DIMS["hidden_size"],
-    "num_attention_heads": DIMS["num_attention_heads"], "num_hidden_layers": DIMS["num_hidden_layers"],
+    "architectures": ["QWenLMHeadModel"], "model_type": "qwen",
+    "hidden_size": DIMS["hidden_size"], "num_attention_heads": DIMS["num_attention_heads"],
+    "num_hidden_layers": DIMS["num_hidden_layers"],
     "intermediate_size": 2 * DIMS["intermediate_size"], "kv_channels": 16,
     "layer_norm_epsilon": DIMS["rms_norm_eps"], "rotary_emb_base": 10000, "seq_length": 256,
     "max_position_embeddings": 8192, "vocab_size": VOCAB, "no_bias": True,
@@ -143,7 +144,7 @@ def save_checkpoint(directory: Path, family: str, seed: int = 0, wrapped: bool |
         config = json.loads(reference.config.to_json_string())
         if reference.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-    if wrapped == "megrez":  # the LLM under `llm.`, its config at the top level (UNCONFIRMED layout)
+    if wrapped == "megrez":  # LLM under `llm.`, its config at the top level (UNCONFIRMED layout)
         state = {"llm." + k: v for k, v in state.items()}
         state["vision.resampler.query"] = torch.zeros(4, 8)
         config = {**config, "architectures": ["MegrezO"], "model_type": "megrezo"}
