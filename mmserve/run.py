@@ -148,7 +148,7 @@ async def run(args: argparse.Namespace) -> int:
             # service in order instead of all of them dying mid-request at once.
             procs[name] = await asyncio.create_subprocess_exec(
                 *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                env=env, start_new_session=True)
+                env=env, start_new_session=True, preexec_fn=_die_with_parent)
             pumps.append(asyncio.create_task(pump(name, procs[name].stdout, color)))
         ready = asyncio.create_task(wait_healthy(args, procs))
         stopped = asyncio.create_task(stop.wait())
@@ -172,6 +172,16 @@ async def run(args: argparse.Namespace) -> int:
         for task in pumps:
             task.cancel()
     return code
+
+
+def _die_with_parent() -> None:
+    """Runs in each child before exec: on Linux, SIGTERM it if the supervisor dies without
+    cleaning up (SIGKILL, a crash), so no service outlives `make run`."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 async def shutdown(procs: dict[str, asyncio.subprocess.Process], grace: float = 10.0) -> None:

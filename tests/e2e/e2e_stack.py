@@ -58,7 +58,7 @@ def wait_for_line(proc: subprocess.Popen, log: Path, line: str, what: str,
         if proc.poll() is not None:
             pytest.fail(f"{what} exited during start-up:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
+            stop(proc)  # Ctrl-C first, so the supervisor stops its services
             pytest.fail(f"{what} did not start in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
         time.sleep(0.3)
 
