@@ -1,13 +1,15 @@
 """Throughput and TTFT of TorchEngine against transformers, on one machine, in one run.
 
 Every system serves the same workload: at concurrency c, c requests arrive at once, each a
-distinct 128-token prompt generating exactly 128 tokens (greedy, EOS ignored). Reported per c:
-output tokens/s (all output tokens / time until the last one) and mean time to first token.
+distinct prompt of 96-160 tokens (128 on average) generating exactly 128 tokens (greedy, EOS
+ignored). Reported per c: output tokens/s (all output tokens / time until the last one) and
+mean time to first token.
 
 Baselines, all fp32 on the same device and thread count:
   one-at-a-time  transformers `generate` serving requests one by one (throughput does not
                  depend on c; TTFT includes the queueing behind earlier requests)
-  static batch   transformers `generate` on the c prompts as one batch
+  static batch   transformers `generate` on the c prompts as one batch, left-padded to the
+                 longest
   generate_batch transformers' continuous batching (`model.generate_batch`), sized like the
                  engine (512-token steps, KV room for every request)
 
@@ -45,14 +47,19 @@ class Result:
     ttft_s: float
 
 
+def prompt_len(i: int) -> int:
+    """PROMPT_LEN - 32 .. PROMPT_LEN + 32, spread evenly over consecutive prompts."""
+    return PROMPT_LEN - 32 + (i * 37) % 65
+
+
 def make_prompts(count: int) -> list[list[int]]:
-    """Distinct prompts of PROMPT_LEN tokens (different from the first token on)."""
+    """Distinct prompts (different from the first token on) of prompt_len(i) tokens."""
     from transformers import AutoTokenizer
 
     from llm_service.weights import ensure_embedded_checkpoint
 
     base = AutoTokenizer.from_pretrained(ensure_embedded_checkpoint()).encode(TEXT * 24)
-    return [[1000 + i] + base[i * 7: i * 7 + PROMPT_LEN - 1] for i in range(count)]
+    return [[1000 + i] + base[i * 7: i * 7 + prompt_len(i) - 1] for i in range(count)]
 
 
 # --- TorchEngine -----------------------------------------------------------------------------
@@ -219,9 +226,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     levels = args.concurrency or ([1, 16] if args.quick else [1, 4, 16, 64])
     prompts = make_prompts(max(levels) * 2 + 2)
-    print(f"SmolLM2-135M fp32 on CPU, {args.threads} threads; prompt {PROMPT_LEN} tokens, output "
-          f"{OUTPUT_LEN} tokens; c requests arrive together; load average at start "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(f"SmolLM2-135M fp32 on CPU, {args.threads} threads; prompts of {PROMPT_LEN - 32}-"
+          f"{PROMPT_LEN + 32} tokens, {OUTPUT_LEN} output tokens; c requests arrive together; "
+          f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     ours: dict[int, Result] = {}
     baselines: dict[str, dict[int, Result]] = {"one-at-a-time": {}, "static batch": {},
                                                "generate_batch": {}}
