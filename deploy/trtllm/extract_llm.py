@@ -5,7 +5,7 @@ checkpoint. InternVL2 nests its LLM under `language_model.` with the config in
 `llm_config`; Megrez-3B-Omni nests it under `llm.`. This copies those tensors (prefix
 stripped), the sub-config, the tokenizer files and any remote-code modules.
 
-    python deploy/trtllm/extract_llm.py /models/InternVL2-8B /work/InternVL2-8B-llm
+    python deploy/trtllm/extract_llm.py /models/InternVL2-8B /models/InternVL2-8B-llm
     python deploy/trtllm/extract_llm.py SRC DST --prefix llm. --config-key llm_config
     python deploy/trtllm/extract_llm.py SRC --list-prefixes
 """
