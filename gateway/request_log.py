@@ -14,6 +14,8 @@ logger = logging.getLogger("gateway.requests")
 
 # Requests answered before routing (401, 413) or matching no route.
 UNROUTED = "unrouted"
+# Polled by probes and scrapers every few seconds: logged at DEBUG so they do not drown requests.
+PROBES = frozenset({"/health", "/ready", "/metrics"})
 
 
 class RequestLogMiddleware:
@@ -53,8 +55,9 @@ class RequestLogMiddleware:
             route = getattr(scope.get("route"), "path", UNROUTED)
             self._metrics.observe(record, route, status, elapsed_s)
             ttft = "-" if record.ttft_s is None else f"{record.ttft_s * 1000:.1f}"
-            logger.info("id=%s method=%s route=%s status=%d prompt_tokens=%d completion_tokens=%d "
-                        "ttft_ms=%s ms=%.1f", record.request_id, scope["method"], route,
-                        status, record.prompt_tokens, record.completion_tokens, ttft,
-                        elapsed_s * 1000)
+            level = logging.DEBUG if route in PROBES and status < 500 else logging.INFO
+            logger.log(level, "id=%s method=%s route=%s status=%d prompt_tokens=%d "
+                       "completion_tokens=%d ttft_ms=%s ms=%.1f", record.request_id,
+                       scope["method"], route, status, record.prompt_tokens,
+                       record.completion_tokens, ttft, elapsed_s * 1000)
 

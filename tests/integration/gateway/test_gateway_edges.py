@@ -226,3 +226,12 @@ async def test_counts_beyond_uint32_are_a_400_not_a_crash(client, fake_llm, fiel
     assert response.status_code == 400
     assert response.json()["error"]["param"].startswith(field)
     assert fake_llm.requests == []
+
+
+async def test_probes_log_at_debug_and_requests_at_info(client, caplog) -> None:
+    with caplog.at_level(logging.DEBUG, logger="gateway.requests"):
+        await client.get("/health")
+        await client.post("/v1/chat/completions", json=CHAT)
+    levels = {r.getMessage().split(" route=")[1].split(" ")[0]: r.levelno
+              for r in caplog.records if r.name == "gateway.requests"}
+    assert levels == {"/health": logging.DEBUG, "/v1/chat/completions": logging.INFO}
