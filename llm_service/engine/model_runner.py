@@ -52,7 +52,8 @@ class ModelRunner:
         if max_len > spec.max_position_embeddings:
             raise ValueError(f"max_model_len {max_len} exceeds the model's "
                              f"max_position_embeddings {spec.max_position_embeddings}")
-        self.model = load_model(config.model_dir, self.device, self.dtype, max_len)
+        self.model = load_model(config.model_dir, self.device, self.dtype, max_len,
+                                prepack=config.max_num_seqs)
         self.spec = spec
         self.block_size = config.block_size
         per_block = KVCache.bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads,

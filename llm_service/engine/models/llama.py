@@ -49,20 +49,43 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    layer = nn.Linear(in_features, out_features, bias=bias)
-    layer.requires_grad_(False)
-    return layer
+class Linear(nn.Linear):
+    """nn.Linear that can hand its weight to oneDNN on CPU.
+
+    On CPU, `prepack()` reorders the weight once into oneDNN's blocked layout (as vLLM's and
+    SGLang's CPU backends do); the packed matmul runs about twice as fast as the MKL path for
+    the few rows of a decode step and still faster for long prefills. The dense weight is
+    dropped then: the packed copy is all the layer reads.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.requires_grad_(False)
+        self.packed: torch.Tensor | None = None
+
+    def prepack(self, batch_hint: int) -> None:
+        self.packed = pack_weight(self.weight, batch_hint)
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if x.is_cuda:
+            return F.linear(x, self.weight, self.bias)
+        # Unpacked on CPU: (W @ x^T)^T runs faster in MKL than x @ W^T for a few rows.
+        if self.bias is None:
+            return torch.mm(self.weight, x.t()).t()
+        return torch.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """x @ W^T. On CPU computed as (W @ x^T)^T, which MKL runs faster (up to a third, with
-    the large lm_head) for the few rows of a decode step; the result is a transposed view."""
-    if x.is_cuda:
-        return layer(x)
-    if layer.bias is None:
-        return torch.mm(layer.weight, x.t()).t()
-    return torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t()).t()
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype == torch.float32
+            and torch.backends.mkldnn.is_available())
+
+
+def pack_weight(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
+    """[out, in] weight in oneDNN's layout for `_linear_pointwise` (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
 
 
 class DecoderLayer(nn.Module):
@@ -72,22 +95,22 @@ class DecoderLayer(nn.Module):
             spec.num_heads, spec.num_kv_heads, spec.head_dim)
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.qkv = _linear(spec.hidden_size, q_size + 2 * kv_size, spec.qkv_bias)
-        self.o = _linear(q_size, spec.hidden_size, spec.o_bias)
+        self.qkv = Linear(spec.hidden_size, q_size + 2 * kv_size, spec.qkv_bias)
+        self.o = Linear(q_size, spec.hidden_size, spec.o_bias)
         self.post_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.gate_up = _linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias)
-        self.down = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+        self.gate_up = Linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias)
+        self.down = Linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # contiguous: attention kernels want the head dim dense
-        qkv = linear(self.input_norm(x), self.qkv).contiguous().view(x.shape[0], -1, self.head_dim)
+        qkv = self.qkv(self.input_norm(x)).contiguous().view(x.shape[0], -1, self.head_dim)
         qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]
-        x = x + linear(paged_attention(q, k, v, cache, meta), self.o)
-        gate, up = linear(self.post_norm(x), self.gate_up).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, self.down)
+        x = x + self.o(paged_attention(q, k, v, cache, meta))
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
 
 
 class DecoderLM(nn.Module):
@@ -101,6 +124,7 @@ class DecoderLM(nn.Module):
         self.lm_head = None if spec.tie_word_embeddings else nn.Parameter(
             torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
         self.rotary: RotaryEmbedding | None = None
+        self.packed_lm_head: torch.Tensor | None = None
 
     def setup_rotary(self, max_len: int) -> None:
         weight = self.embed.weight
@@ -115,9 +139,24 @@ class DecoderLM(nn.Module):
             h = layer(h, cos, sin, kv_cache.layer(i), meta)
         return h
 
+    def prepack(self, batch_hint: int) -> None:
+        """CPU: every projection and the lm_head move to oneDNN's packed layout (see Linear).
+        A tied lm_head gets a packed copy; the embedding table stays for lookups."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack(batch_hint)
+        if self.lm_head is None:
+            self.packed_lm_head = pack_weight(self.embed.weight, batch_hint)
+        else:
+            self.packed_lm_head = pack_weight(self.lm_head, batch_hint)
+            self.lm_head = nn.Parameter(self.lm_head.new_empty(0), requires_grad=False)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head
         hidden = self.norm(hidden)
+        if self.packed_lm_head is not None:
+            return torch.ops.mkldnn._linear_pointwise(hidden, self.packed_lm_head, None, "none",
+                                                      [], "")
+        weight = self.embed.weight if self.lm_head is None else self.lm_head
         return F.linear(hidden, weight) if hidden.is_cuda else torch.mm(weight, hidden.t()).t()
 
 

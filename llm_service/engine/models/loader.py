@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from llm_service.engine.models import FAMILIES
-from llm_service.engine.models.llama import DecoderLM, DecoderSpec, Family
+from llm_service.engine.models.llama import DecoderLM, DecoderSpec, Family, can_prepack
 from llm_service.engine.models.rope import RopeSpec
 
 
@@ -101,8 +101,10 @@ def llm_weight_name(name: str) -> str:
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
-               max_len: int | None = None) -> DecoderLM:
-    """Builds the model on `device` in `dtype`; rope tables cover `max_len` positions."""
+               max_len: int | None = None, prepack: int | None = None) -> DecoderLM:
+    """Builds the model on `device` in `dtype`; rope tables cover `max_len` positions.
+    `prepack`: on CPU, move the projections to oneDNN's packed layout, tuned for steps of
+    about this many rows (the packed matmul is much faster; see llama.Linear)."""
     spec = read_spec(model_dir)
     family = FAMILIES[spec.family]
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -136,6 +138,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
         raise ValueError(f"{model_dir} lacks {len(missing)} {spec.family} weights, "
                          f"e.g. {missing[:3]}")
     model.setup_rotary(max_len or spec.max_position_embeddings)
+    if prepack and can_prepack(device, dtype):
+        model.prepack(prepack)
     return model.eval()
 
 
