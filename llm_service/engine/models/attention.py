@@ -95,14 +95,14 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    # Query heads sharing a KV head attend together as that head's "query rows",
-    # so grouped-query attention needs no repeated K/V.
+    # One query row per head; SDPA maps query heads onto their KV heads itself (enable_gqa),
+    # which the CPU kernel runs faster than grouping the heads' rows under one KV head.
     n, num_heads, head_dim = q.shape
     num_kv_heads = cache.shape[3]
     blocks = meta.decode_blocks.flatten()
     keys = _gather(cache[0], blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
     values = _gather(cache[1], blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-    qg = q.unflatten(1, (num_kv_heads, num_heads // num_kv_heads))
-    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.decode_mask)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2),
+                                       values.transpose(1, 2), attn_mask=meta.decode_mask,
+                                       enable_gqa=True)
     return o.reshape(n, num_heads, head_dim)

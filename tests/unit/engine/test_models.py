@@ -11,7 +11,8 @@ import torch
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.model_runner import ModelRunner
-from llm_service.engine.models.loader import read_spec
+from llm_service.engine.models.llama import can_prepack
+from llm_service.engine.models.loader import load_model, read_spec
 from llm_service.engine.outputs import ScheduledSequence
 from llm_service.engine.protocol import EngineRequest
 from llm_service.engine.sequence import Sequence
@@ -106,6 +107,27 @@ def test_a_mixed_batch_matches_each_sequence_alone(tmp_path):
     full = [prompts[0] + [prompts[0][-1]], prompts[1], prompts[2]]
     expected = [reference_logits(reference, t)[-1] for t in full]
     torch.testing.assert_close(logits, torch.stack(expected), atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
+                    reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])  # tied lm_head and qkv bias; untied
+def test_cpu_runs_prepacked_projections_and_the_dense_path_agrees(tmp_path, family):
+    reference = save_checkpoint(tmp_path, family, seed=4)
+    runner = make_runner(tmp_path)
+    model = runner.model
+    assert all(layer.qkv.packed is not None and layer.down.packed is not None
+               for layer in model.layers)
+    assert model.packed_lm_head is not None
+    assert model.layers[0].gate_up.weight.numel() == 0  # the dense copy is released
+    tokens = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    expected = reference_logits(reference, tokens)
+    packed = engine_logits(runner, tokens, [17, 1, 12])
+    runner.model = load_model(tmp_path, runner.device, runner.dtype, prepack=None)
+    assert runner.model.layers[0].qkv.packed is None
+    dense = engine_logits(runner, tokens, [17, 1, 12])
+    torch.testing.assert_close(packed, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(dense, expected, atol=ATOL, rtol=0)
 
 
 def test_phi3_config_file_reads_the_fused_layout(tmp_path):
