@@ -24,7 +24,7 @@ from llm_service.engine.protocol import (
 from llm_service.engine.trtllm.bindings import load_bindings
 from llm_service.engine.trtllm.options import EngineLayout, TrtllmOptions
 from llm_service.engine.trtllm.pump import ResponsePump
-from llm_service.engine.trtllm.requests import build_request
+from llm_service.engine.trtllm.requests import build_request, supports_perf_metrics
 from llm_service.engine.trtllm.stats import to_engine_stats
 from llm_service.engine.trtllm.stream import RequestStream, finish_reason_map
 from llm_service.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
@@ -38,6 +38,7 @@ class TrtllmEngine(EngineClient):
         self._layout = layout
         self._b = bindings
         self._finish = finish_reason_map(bindings)
+        self._perf_metrics = supports_perf_metrics(bindings)  # per-request KV reuse
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self._executor = None
         self._pump: ResponsePump | None = None
@@ -171,7 +172,7 @@ class TrtllmEngine(EngineClient):
             raise InvalidRequest(f"request id {request.request_id!r} is already running")
         trt_request, max_tokens = build_request(
             self._b, request, self._layout, self.max_model_len, self._options.streaming,
-            self._options.pad_id, self._device)
+            self._options.pad_id, self._device, perf_metrics=self._perf_metrics)
         try:
             executor_id = self._executor.enqueue_request(request=trt_request)
         except Exception as exc:
@@ -181,7 +182,8 @@ class TrtllmEngine(EngineClient):
             raise Unavailable(f"TensorRT-LLM rejected the request: {message}") from None
         stream = RequestStream(name=request.request_id, executor_id=executor_id,
                                prompt_len=len(request.prompt_token_ids), max_tokens=max_tokens,
-                               n=request.sampling.n)
+                               n=request.sampling.n,
+                               tokens_per_block=self._layout.tokens_per_block)
         self._streams[stream.name] = stream
         self._by_executor_id[executor_id] = stream
         return stream

@@ -9,6 +9,7 @@ into its own slice of the engine's table, so ids restart at `vocab_size` in ever
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -106,15 +107,37 @@ def sampling_config(b: ModuleType, sp: SamplingParams):
     return b.SamplingConfig(beam_width=1, **kwargs)
 
 
+def executor_priority(priority: int) -> float:
+    """EngineRequest.priority (any int, higher first, 0 by default) -> the executor's
+    priority in [0, 1] (higher first, 0.5 by default), order-preserving for |priority| < 100."""
+    return 0.5 + 0.5 * math.tanh(priority / 32)
+
+
+def supports_perf_metrics(b: ModuleType) -> bool:
+    """Whether this binding can report per-request KV reuse (OutputConfig.return_perf_metrics,
+    TensorRT-LLM 0.17 and later)."""
+    try:
+        b.OutputConfig(return_perf_metrics=True)
+    except TypeError:
+        return False
+    return True
+
+
 def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, max_model_len: int,
-                  streaming: bool, pad_id: int | None, device: torch.device | str = "cpu"):
+                  streaming: bool, pad_id: int | None, device: torch.device | str = "cpu",
+                  perf_metrics: bool = False):
     """Validates the request against the engine limits; returns (executor Request, max_tokens).
 
     max_tokens is returned because older bindings do not expose it on the Request.
+    perf_metrics: ask for per-request KV metrics (the prompt tokens served from reused blocks).
     """
     prompt_len = len(request.prompt_token_ids)
     if prompt_len == 0:
         raise InvalidRequest("the prompt is empty")
+    if request.sampling.logprobs:
+        raise InvalidRequest("top_logprobs is not available with the TensorRT-LLM engine, which "
+                             "returns the log probability of each chosen token only; ask for "
+                             "logprobs without top_logprobs")
     limit = min(layout.max_input_len, max_model_len - 1)
     if prompt_len > limit:
         raise InvalidRequest(f"the prompt has {prompt_len} tokens; "
@@ -131,16 +154,25 @@ def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, m
         tuning = b.PromptTuningConfig(embedding_table=prompt.table,
                                       input_token_extra_ids=prompt.extra_ids)
     max_tokens = min(sp.max_tokens, max_model_len - prompt_len)
-    return b.Request(
+    output = {"return_log_probs": sp.logprobs is not None, "exclude_input_from_output": True}
+    if perf_metrics:
+        output["return_perf_metrics"] = True
+    kwargs = dict(
         input_token_ids=prompt.input_token_ids,
         max_tokens=max_tokens,
         streaming=streaming,
         sampling_config=sampling_config(b, sp),
-        output_config=b.OutputConfig(return_log_probs=sp.logprobs is not None,
-                                     exclude_input_from_output=True),
+        output_config=b.OutputConfig(**output),
         end_id=end_id,
         pad_id=pad_id if pad_id is not None else max(end_id, 0),
         stop_words=[[token] for token in stop_ids] or None,
         bad_words=None,
         prompt_tuning_config=tuning,
-    ), max_tokens
+    )
+    if not request.priority:  # bindings older than the priority argument take the rest
+        return b.Request(**kwargs), max_tokens
+    try:
+        return b.Request(**kwargs, priority=executor_priority(request.priority)), max_tokens
+    except TypeError:
+        raise InvalidRequest("this TensorRT-LLM version has no request priorities; send the "
+                             "request without a priority") from None

@@ -33,6 +33,8 @@ class RequestStream:
     prompt_len: int
     max_tokens: int
     n: int
+    tokens_per_block: int = 0
+    cached_tokens: int = 0  # prompt tokens in reused KV blocks, when the executor reports it
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     counts: list[int] = field(default_factory=list)
     open: set[int] = field(default_factory=set)
@@ -49,6 +51,7 @@ class RequestStream:
             return not self.open
         tokens = list(result.output_token_ids[0])
         self.counts[index] += len(tokens)
+        self._note_reuse(result)
         reason = self._finish_reason(index, result, finish_map) if final else None
         logprobs = ()
         if result.log_probs:
@@ -62,6 +65,13 @@ class RequestStream:
         if not self.open:
             self.queue.put_nowait(None)
         return not self.open
+
+    def _note_reuse(self, result) -> None:
+        metrics = getattr(result, "request_perf_metrics", None)
+        kv = getattr(metrics, "kv_cache_metrics", None)
+        if kv is not None and kv.num_reused_blocks:
+            reused = min(kv.num_reused_blocks * self.tokens_per_block, self.prompt_len)
+            self.cached_tokens = max(self.cached_tokens, reused)
 
     def close(self, reason: FinishReason, error: str | None = None) -> None:
         """Finishes every open choice with `reason` (and `error`) and ends the queue."""
@@ -84,4 +94,5 @@ class RequestStream:
                 error: str | None = None, logprobs: tuple = ()) -> EngineOutput:
         return EngineOutput(request_id=self.name, index=index, new_token_ids=tokens,
                             finish_reason=reason, num_prompt_tokens=self.prompt_len,
-                            num_output_tokens=self.counts[index], logprobs=logprobs, error=error)
+                            num_output_tokens=self.counts[index],
+                            num_cached_tokens=self.cached_tokens, logprobs=logprobs, error=error)

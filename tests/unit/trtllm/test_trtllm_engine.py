@@ -156,6 +156,33 @@ async def test_kv_blocks_are_reused_for_the_same_image_only(make_engine):
     assert stats.prefix_hit_rate == pytest.approx(3 / 9)
 
 
+async def test_prompt_tokens_in_reused_blocks_are_reported_as_cached(make_engine):
+    engine, _ = await make_engine()
+    prompt = list(range(20, 31))  # 11 tokens: two full blocks of 4, then 3 more
+    first = await collect(engine, EngineRequest("1", prompt, SamplingParams(max_tokens=2)))
+    second = await collect(engine, EngineRequest("2", prompt, SamplingParams(max_tokens=2)))
+    assert {out.num_cached_tokens for out in first} == {0}
+    assert second[-1].num_cached_tokens == 8
+
+
+async def test_higher_priority_is_admitted_first(make_engine):
+    engine, fake = await make_engine(max_num_seqs=1)
+    fake.step_time_s = 0.01
+    running = asyncio.create_task(collect(engine, EngineRequest("busy", PROMPT,
+                                                                SamplingParams(max_tokens=20))))
+    await _until(lambda: fake.active_ids() == [1])
+    order: list[str] = []
+
+    async def record(name: str, priority: int) -> None:
+        await collect(engine, EngineRequest(name, PROMPT, SamplingParams(max_tokens=1),
+                                            priority=priority))
+        order.append(name)
+
+    await asyncio.gather(record("low", -5), record("default", 0), record("high", 5))
+    await running
+    assert order == ["high", "default", "low"]
+
+
 async def test_too_many_rows_are_refused_before_the_executor(make_engine):
     engine, fake = await make_engine()
     span = EmbeddingSpan(0, torch.randn(65, 16), "sha256:big")

@@ -7,7 +7,8 @@ import torch
 
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
 from llm_service.engine.trtllm.options import EngineLayout
-from llm_service.engine.trtllm.requests import build_prompt_table, build_request, media_extra_id
+from llm_service.engine.trtllm.requests import (
+    build_prompt_table, build_request, executor_priority, media_extra_id)
 from llm_service.errors import InvalidRequest
 
 VOCAB, HIDDEN, PLACEHOLDER = 1000, 16, 7
@@ -133,3 +134,39 @@ def test_lengths_are_checked_and_max_tokens_clamped(tle, layout):
         build_request(tle, EngineRequest("r", [1] * 257), layout, 320, True, None)
     with pytest.raises(InvalidRequest, match="empty"):
         build_request(tle, EngineRequest("r", []), layout, 320, True, None)
+
+
+def test_priority_maps_onto_the_executor_range_in_order(tle, layout):
+    levels = [-200, -10, -1, 0, 1, 10, 99]
+    mapped = [executor_priority(p) for p in levels]
+    assert mapped[levels.index(0)] == 0.5  # the executor's default
+    assert all(0.0 <= m <= 1.0 for m in mapped)
+    assert mapped == sorted(mapped) and len(set(mapped)) == len(mapped)
+    request, _ = build_request(tle, EngineRequest("r", [1, 2], priority=3), layout, 320, True,
+                               None)
+    assert request.priority == executor_priority(3) > 0.5
+
+
+def test_priority_on_a_binding_without_it_is_a_clear_error(tle, layout, monkeypatch):
+    original = tle.Request
+
+    def old_request(*args, priority=None, **kwargs):
+        if priority is not None:
+            raise TypeError("__init__(): incompatible constructor arguments")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tle, "Request", old_request)
+    request, _ = build_request(tle, EngineRequest("r", [1, 2]), layout, 320, True, None)
+    assert request.priority == 0.5  # no priority sent: the binding's default
+    with pytest.raises(InvalidRequest, match="no request priorities"):
+        build_request(tle, EngineRequest("r", [1, 2], priority=1), layout, 320, True, None)
+
+
+def test_top_logprobs_are_refused_and_chosen_token_logprobs_asked_for(tle, layout):
+    with pytest.raises(InvalidRequest, match="top_logprobs"):
+        build_request(tle, EngineRequest("r", [1, 2], SamplingParams(logprobs=2)), layout, 320,
+                      True, None)
+    request, _ = build_request(tle, EngineRequest("r", [1, 2], SamplingParams(logprobs=0)),
+                               layout, 320, True, None, perf_metrics=True)
+    assert request.output_config.return_log_probs is True
+    assert request.output_config.return_perf_metrics is True

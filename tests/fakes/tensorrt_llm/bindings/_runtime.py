@@ -3,7 +3,9 @@
 Behaviour copied from the real executor: request ids from enqueue_request, the queue-size
 error text, prompt-table checks (promptTuningBuffers.cpp messages), streaming results that
 carry only new tokens, END_ID not part of the output while stop words are, draining
-iteration stats, and KV block reuse keyed on (token id, extra id) of full blocks.
+iteration stats, KV block reuse keyed on (token id, extra id) of full blocks (reported per
+request with return_perf_metrics), and a queue ordered by priority, first come first served
+among equals (insertRequestInOrder in requestUtils.cpp).
 """
 
 from __future__ import annotations
@@ -81,7 +83,10 @@ class Executor:
                                    "been reached, please try again later")
             request_id, self._next_id = self._next_id, self._next_id + 1
             n = request.sampling_config.num_return_sequences or 1
-            self._queued.append(_Live(request_id, request, n))
+            live = _Live(request_id, request, n)
+            later = [i for i, q in enumerate(self._queued)
+                     if q.request.priority < request.priority]
+            self._queued.insert(later[0] if later else len(self._queued), live)
             self.requests[request_id] = request
             self._cond.notify_all()
             return request_id
@@ -266,6 +271,15 @@ class Executor:
             output_token_ids=[tokens],
             finish_reasons=[reason or tle.FinishReason.NOT_FINISHED],
             sequence_index=k, is_sequence_final=done, decoding_iter=len(live.tokens[k]))
+        if request.output_config.return_perf_metrics:
+            reused = self.reused_by_request.get(live.id, 0)
+            total = -(-len(request.input_token_ids) // self.tokens_per_block)
+            result.request_perf_metrics = tle.RequestPerfMetrics(
+                kv_cache_metrics=tle.KvCacheMetrics(
+                    num_total_allocated_blocks=total, num_new_allocated_blocks=total - reused,
+                    num_reused_blocks=reused,
+                    num_missed_blocks=len(request.input_token_ids) // self.tokens_per_block
+                    - reused))
         if request.output_config.return_log_probs:
             result.log_probs = [[-0.25] * len(live.tokens[k])]
         return [tle.Response(live.id, result)]

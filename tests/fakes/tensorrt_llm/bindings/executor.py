@@ -149,6 +149,24 @@ class Request:
 
 
 @dataclass
+class KvCacheMetrics:
+    num_total_allocated_blocks: int = 0
+    num_new_allocated_blocks: int = 0
+    num_reused_blocks: int = 0
+    num_missed_blocks: int = 0
+    kv_cache_hit_rate: float = 0.0
+
+
+@dataclass
+class RequestPerfMetrics:
+    timing_metrics: object = None
+    kv_cache_metrics: KvCacheMetrics = field(default_factory=KvCacheMetrics)
+    first_iter: int | None = None
+    last_iter: int | None = None
+    iter: int | None = None
+
+
+@dataclass
 class Result:
     is_final: bool = False
     output_token_ids: list = field(default_factory=list)
@@ -161,6 +179,7 @@ class Result:
     sequence_index: int = 0
     is_sequence_final: bool = False
     decoding_iter: int = 0
+    request_perf_metrics: RequestPerfMetrics | None = None  # with return_perf_metrics
 
 
 class Response:
