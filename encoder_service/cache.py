@@ -1,8 +1,8 @@
 """The content store: a bounded LRU of encoded media, keyed by content hash.
 
-An entry keeps the decoded image (so `mm://sha256:<hex>` handles resolve without
-re-uploading) and its embeddings (so a repeated image skips the tower). Only the
-event loop touches it, so it needs no lock.
+An entry keeps what is needed to encode the item again (the decoded image, or the file
+bytes of an audio clip or a video, which can be sampled into any number of frames), so `mm://sha256:<hex>` handles resolve without re-uploading, and its embeddings,
+so a repeated item skips the tower. Only the event loop touches it, so it needs no lock.
 """
 
 from __future__ import annotations
@@ -16,14 +16,19 @@ from PIL import Image
 
 @dataclass(frozen=True, slots=True)
 class StoredItem:
-    image: Image.Image
+    source: Image.Image | bytes  # the decoded image, or the audio / video file
     embeddings: torch.Tensor  # [num_tokens, hidden_size]
     num_tiles: int
+    kind: str = "image"  # "image", "audio" or "video"
 
     @property
     def nbytes(self) -> int:
-        image_bytes = self.image.width * self.image.height * len(self.image.getbands())
-        return image_bytes + self.embeddings.numel() * self.embeddings.element_size()
+        source = self.source
+        if isinstance(source, Image.Image):
+            size = source.width * source.height * len(source.getbands())
+        else:
+            size = len(source)
+        return size + self.embeddings.numel() * self.embeddings.element_size()
 
 
 class ContentStore:
@@ -56,13 +61,13 @@ class ContentStore:
         self.hits += 1
         return item
 
-    def image(self, content_hash: str) -> Image.Image | None:
-        """The decoded image behind a handle, without counting an embedding hit."""
+    def source(self, content_hash: str) -> StoredItem | None:
+        """The entry behind a handle, marked as recently used, without counting a hit."""
         item = self._items.get(content_hash)
         if item is None:
             return None
         self._items.move_to_end(content_hash)
-        return item.image
+        return item
 
     def put(self, content_hash: str, item: StoredItem) -> None:
         """Stores an entry, evicting old ones; an entry larger than the store is not kept."""

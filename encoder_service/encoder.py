@@ -116,17 +116,23 @@ class Encoder:
         return EncodedItem(rows, prepared.num_tiles, key, cached=False)
 
     async def _encode_audio(self, item: MediaItem) -> EncodedItem:
-        """Audio is decoded to 16 kHz samples, hashed and encoded as one item. The content
-        store keeps decoded images only, so audio is not kept for reuse."""
+        """Audio is decoded to 16 kHz samples, hashed and encoded as one item; the store
+        keeps the file, so its handle can stand in for it later."""
         data = await self.resolver.load_audio_bytes(item.ref)
         samples = await asyncio.to_thread(self.preprocessor.decode_audio, data)
         key = await asyncio.to_thread(self.preprocessor.content_hash, samples, 0)
+        stored = self.store.get(key)
+        if stored is not None:
+            return EncodedItem(stored.embeddings, stored.num_tiles, key, cached=True)
         prepared = await asyncio.to_thread(self.preprocessor.preprocess, samples, 0)
-        return EncodedItem(await self._run_tower(prepared), prepared.num_tiles, key, cached=False)
+        rows = await self._run_tower(prepared)
+        self.store.put(key, StoredItem(data, rows, prepared.num_tiles, kind="audio"))
+        return EncodedItem(rows, prepared.num_tiles, key, cached=False)
 
     async def _encode_video(self, item: MediaItem) -> EncodedItem:
         """Frames sampled by InternVL's rule, one tile each; the rows of all frames come back
-        as one item with num_tiles = frames. Not kept in the content store (it keeps images)."""
+        as one item with num_tiles = frames. The store keeps the file, so its handle can be
+        sampled again, into any number of frames."""
         num_frames = item.num_frames or self.config.video_frames
         if num_frames > MAX_VIDEO_FRAMES:
             raise InvalidRequest(f"num_frames {num_frames} exceeds the limit of "
@@ -135,8 +141,13 @@ class Encoder:
         frames = await asyncio.to_thread(sample_frames, data, num_frames,
                                          self.config.max_image_pixels)
         key = await asyncio.to_thread(frames_content_hash, frames, self.preprocessor)
+        stored = self.store.get(key)
+        if stored is not None:
+            return EncodedItem(stored.embeddings, stored.num_tiles, key, cached=True)
         prepared = await asyncio.to_thread(frames_to_pixel_values, frames, self.preprocessor)
-        return EncodedItem(await self._run_tower(prepared), prepared.num_tiles, key, cached=False)
+        rows = await self._run_tower(prepared)
+        self.store.put(key, StoredItem(data, rows, prepared.num_tiles, kind="video"))
+        return EncodedItem(rows, prepared.num_tiles, key, cached=False)
 
     async def _run_tower(self, prepared) -> torch.Tensor:
         """[num_tokens, hidden] rows of one preprocessed item."""

@@ -70,9 +70,9 @@ class MediaResolver:
         if ref.data:
             data = self._check_size(ref.data, "inline media")
         elif ref.url:
-            image = self._stored_image(ref.url)
-            if image is not None:
-                return image
+            stored = self._stored(ref.url, "image")
+            if stored is not None:
+                return stored
             data = await self._read_url(ref.url)
         else:
             raise InvalidMedia("a media item has neither url nor data; set one of them")
@@ -97,22 +97,28 @@ class MediaResolver:
             return self._check_size(ref.data, f"inline {kind}")
         if not ref.url:
             raise InvalidMedia("a media item has neither url nor data; set one of them")
-        if ref.url.startswith("mm:"):
-            raise InvalidMedia(f"mm://sha256 handles name stored images; send the {kind} itself")
+        stored = self._stored(ref.url, kind)
+        if stored is not None:
+            return stored
         return await self._read_url(ref.url, kind=kind)
 
-    def _stored_image(self, url: str) -> Image.Image | None:
+    def _stored(self, url: str, kind: str) -> Image.Image | bytes | None:
+        """What the content store keeps behind an `mm://sha256:` handle (None for other URLs):
+        the decoded image, or the audio / video file bytes."""
         if not url.startswith("mm:"):
             return None
         match = _HANDLE.fullmatch(url)
         if match is None:
             raise InvalidMedia(f"malformed media handle {url[:90]!r}; expected "
                                f"mm://sha256:<64 lowercase hex digits>")
-        image = self._store.image(match.group(1))
-        if image is None:
+        item = self._store.source(match.group(1))
+        if item is None:
             raise MediaNotFound(f"unknown media handle {url}; it was never seen or has been "
-                                f"evicted, so send the image itself again")
-        return image
+                                f"evicted, so send the {kind} itself again")
+        if item.kind != kind:
+            raise InvalidMedia(f"media handle {url} names {_article(item.kind)} {item.kind}, "
+                               f"but it was sent as {_article(kind)} {kind} part")
+        return item.source
 
     async def _read_url(self, url: str, kind: str = "image") -> bytes:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -151,6 +157,10 @@ class MediaResolver:
         with path.open("rb") as handle:
             data = handle.read(self._config.max_media_bytes + 1)
         return self._check_size(data, f"file {path.name!r}")
+
+
+def _article(kind: str) -> str:
+    return "an" if kind[0] in "aeiou" else "a"
 
 
 def parse_data_url(url: str, max_bytes: int, kind: str = "image") -> bytes:

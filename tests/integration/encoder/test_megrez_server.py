@@ -130,3 +130,21 @@ async def test_bad_audio_is_invalid_argument(channel, item, message):
         await encode(channel, item)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.value.details()
+
+
+async def test_an_audio_handle_stands_in_for_the_audio(channel):
+    (header, rows), = await encode(channel, audio_item(data=wav(1.0), mime_type="audio/wav"))
+    handle = f"mm://sha256:{header.content_hash}"
+    (again, again_rows), = await encode(channel, audio_item(url=handle))
+    assert (again.content_hash, again.num_tokens) == (header.content_hash, 27)
+    torch.testing.assert_close(again_rows, rows, rtol=0, atol=0)
+    for item, code, message in [
+        (encoder_pb2.MediaItem(modality=common_pb2.MODALITY_IMAGE,
+                               ref=common_pb2.MediaRef(url=handle)),
+         grpc.StatusCode.INVALID_ARGUMENT, "names an audio, but it was sent as an image"),
+        (audio_item(url="mm://sha256:" + "0" * 64), grpc.StatusCode.NOT_FOUND,
+         "send the audio itself again"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await encode(channel, item)
+        assert error.value.code() == code and message in error.value.details()

@@ -27,11 +27,11 @@ def test_least_recently_used_entries_are_evicted_first():
     assert store.nbytes == 3 * 700
 
 
-def test_image_lookup_refreshes_recency_without_counting_a_hit():
+def test_handle_lookup_refreshes_recency_without_counting_a_hit():
     store = ContentStore(capacity_bytes=2 * 700)
     store.put("a", item())
     store.put("b", item())
-    assert store.image("a") is not None
+    assert store.source("a").source is not None
     store.put("c", item())
     assert "a" in store and "b" not in store
     assert (store.hits, store.misses) == (0, 0)

@@ -96,6 +96,27 @@ async def test_the_encoder_returns_one_item_with_a_tile_per_frame(config):
     torch.testing.assert_close(result.embeddings, expected)
 
 
+async def test_a_video_handle_is_sampled_again_from_the_stored_file(config):
+    data = make_video(20)
+    tower = DemoTower(hidden_size=config.hidden_size, dtype=torch.float32, seed=0)
+    encoder = Encoder(config, tower)
+    encoder.start()
+    try:
+        first = await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=3))
+        handle = MediaRef(url=f"mm://sha256:{first.content_hash}")
+        same = await encoder.encode(MediaItem(handle, "video", num_frames=3))
+        more = await encoder.encode(MediaItem(handle, "video", num_frames=4))
+    finally:
+        await encoder.stop()
+    assert (first.cached, same.cached, more.cached) == (False, True, False)
+    assert same.content_hash == first.content_hash != more.content_hash
+    torch.testing.assert_close(same.embeddings, first.embeddings, rtol=0, atol=0)
+    frames = frames_to_pixel_values(sample_frames(data, 4), encoder.preprocessor)
+    expected = tower.encode(frames.pixel_values).reshape(-1, config.hidden_size)
+    assert more.num_tiles == 4
+    torch.testing.assert_close(more.embeddings, expected)
+
+
 async def test_families_without_video_refuse_it(config):
     qwen = EncoderConfig(family="qwen-vl-chat", port=0)
     encoder = Encoder(qwen, DemoTower(hidden_size=qwen.hidden_size, dtype=torch.float32, seed=0))
