@@ -26,6 +26,11 @@ FINISH_REASONS: dict[int, FinishReason] = {
 }
 
 
+# The request's media items as `mm://sha256:` handles, in order, comma-separated: a later turn
+# may send a handle in place of the item's bytes.
+MEDIA_HANDLES_HEADER = "X-Media-Handles"
+
+
 @dataclass(slots=True)
 class ChoiceOutput:
     """One choice of a finished generation."""
@@ -52,6 +57,7 @@ class Generation:
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._completion_tokens = 0
+        self.media_handles: list[str] = []  # one `mm://sha256:` handle per media item
         self._watcher = asyncio.create_task(self._cancel_on_disconnect(receive))
 
     @classmethod
@@ -91,6 +97,11 @@ class Generation:
         return choices
 
     @property
+    def headers(self) -> dict[str, str]:
+        """Response headers known once the call has started (the first response is in)."""
+        return {MEDIA_HANDLES_HEADER: ", ".join(self.media_handles)} if self.media_handles else {}
+
+    @property
     def usage(self) -> Usage:
         details = PromptTokensDetails(cached_tokens=self._cached_tokens)
         return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens,
@@ -116,6 +127,8 @@ class Generation:
         return response
 
     def _note(self, response: llm_pb2.GenerateResponse) -> None:
+        if response.media_handles:
+            self.media_handles = list(response.media_handles)
         if self._record.ttft_s is None and (response.text or response.token_ids):
             self._record.ttft_s = time.perf_counter() - self._record.started
         if response.HasField("usage"):

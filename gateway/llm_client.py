@@ -127,6 +127,8 @@ def _part_to_pb(part: ContentPart, param: str) -> llm_pb2.ContentPart:
         return llm_pb2.ContentPart(video=llm_pb2.Video(
             file=common_pb2.MediaRef(url=part.video_url.url),
             num_frames=part.video_url.num_frames or 0))
+    if part.type == "audio_url":
+        return llm_pb2.ContentPart(audio=common_pb2.MediaRef(url=part.audio_url.url))
     if part.type == "input_audio":
         audio = part.input_audio
         return llm_pb2.ContentPart(audio=common_pb2.MediaRef(

@@ -40,6 +40,12 @@ class InputAudio(OpenAIModel):
     format: str = Field(min_length=1, description="wav, mp3, ...")
 
 
+class AudioURL(OpenAIModel):
+    """An audio file by URL (http(s)://, data:, file://) or an `mm://sha256:` handle."""
+
+    url: str = Field(min_length=1)
+
+
 class VideoURL(OpenAIModel):
     """A video file the encoder samples into frames (the family's frame-index rule)."""
 
@@ -54,10 +60,11 @@ class ContentPart(OpenAIModel):
     client can read ("messages.0.content.1.image_url.url").
     """
 
-    type: Literal["text", "image_url", "input_audio", "video", "video_url"]
+    type: Literal["text", "image_url", "input_audio", "audio_url", "video", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
     input_audio: InputAudio | None = None
+    audio_url: AudioURL | None = None
     # Video frames the client already extracted (image URLs), in order.
     video: list[str] | None = Field(default=None, min_length=1, max_length=64)
     video_url: VideoURL | None = None

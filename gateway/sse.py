@@ -53,7 +53,8 @@ class EventStreamResponse(StreamingResponse):
     def __init__(self, events: AsyncGenerator[str, None], generation: Generation) -> None:
         # no-cache and no proxy buffering: each event must reach the client when it is sent.
         super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                  **generation.headers})
         self._events = events
         self._generation = generation
 

@@ -60,6 +60,7 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     logprobs: tuple[LogprobEntry, ...] = ()
+    media_handles: tuple[str, ...] = ()  # on the first chunk: one handle per media item
 
 
 @dataclass(slots=True)
@@ -83,7 +84,7 @@ class Generator:
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
         started = time.monotonic()
-        token_ids, spans = await self._prepare(inp)
+        token_ids, spans, handles = await self._prepare(inp)
         request = EngineRequest(
             request_id=inp.request_id,
             prompt_token_ids=token_ids,
@@ -120,7 +121,8 @@ class Generator:
                     choice.done = True
                     usage = Usage(len(token_ids), choice.tokens, out.num_cached_tokens)
                 yield Chunk(out.index, text, list(out.new_token_ids), finish, usage,
-                            self._logprobs(out.logprobs))
+                            self._logprobs(out.logprobs), handles)
+                handles = ()
                 if all(c.done for c in choices):
                     break
         finally:
@@ -130,13 +132,15 @@ class Generator:
                      None if first_token_at is None else round((first_token_at - started) * 1e3),
                      (time.monotonic() - started) * 1e3)
 
-    async def _prepare(self, inp: GenerateInput) -> tuple[list[int], tuple[EmbeddingSpan, ...]]:
+    async def _prepare(self, inp: GenerateInput,
+                       ) -> tuple[list[int], tuple[EmbeddingSpan, ...], tuple[str, ...]]:
+        """Prompt token ids, embedding spans and the media items' handles."""
         if inp.messages is not None:
             return await self._prepare_chat(inp)
         if inp.prompt is not None:
             if not inp.prompt:
                 raise InvalidRequest("prompt must not be empty")
-            return self._tokenizer.encode(inp.prompt), ()
+            return self._tokenizer.encode(inp.prompt), (), ()
         ids = list(inp.prompt_token_ids or [])
         if not ids:
             raise InvalidRequest("one of messages, prompt or prompt_token_ids is required")
@@ -144,7 +148,7 @@ class Generator:
         if bad:
             raise InvalidRequest(f"prompt_token_ids {bad[:5]} are outside the vocabulary "
                                  f"(size {self._vocab_size})")
-        return ids, ()
+        return ids, (), ()
 
     async def _prepare_chat(self, inp: GenerateInput):
         media = [m for message in inp.messages for m in message.media]
@@ -173,7 +177,7 @@ class Generator:
                           content_hash=items[s.item][1].content_hash)
             for s in prompt.slots
         )
-        return prompt.token_ids, spans
+        return prompt.token_ids, spans, tuple(f"mm://sha256:{e.content_hash}" for e in encoded)
 
     def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> tuple[LogprobEntry, ...]:
         decode = self._tokenizer.decode

@@ -132,7 +132,7 @@ def input_from_pb(request, context: grpc.aio.ServicerContext) -> GenerateInput:
 def chunk_to_pb(chunk: Chunk):
     reply = llm_pb2.GenerateResponse(
         index=chunk.index, text=chunk.text, token_ids=chunk.token_ids,
-        finish_reason=_FINISH[chunk.finish_reason],
+        finish_reason=_FINISH[chunk.finish_reason], media_handles=chunk.media_handles,
     )
     if chunk.usage is not None:
         reply.usage.CopyFrom(llm_pb2.Usage(

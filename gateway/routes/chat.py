@@ -46,7 +46,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return EventStreamResponse(with_ending(_chunks(generation, body, envelope)), generation)
     choices = await generation.collect(body.n)
     completion = _completion(choices, generation.usage, body, envelope)
-    return JSONResponse(completion.model_dump(mode="json"))
+    return JSONResponse(completion.model_dump(mode="json"), headers=generation.headers)
 
 
 def _completion(choices: list[ChoiceOutput], usage: Usage, body: ChatCompletionRequest,

@@ -47,6 +47,27 @@ def test_image_chat_counts_embedding_slots(openai_client):
     assert with_image.usage.prompt_tokens - text_only.usage.prompt_tokens == 7 * 256
 
 
+def test_media_handles_come_back_and_stand_in_for_the_image(openai_client):
+    image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(640, 480))}}
+    question = {"type": "text", "text": "Describe the image."}
+    first = openai_client.chat.completions.with_raw_response.create(
+        model=MODEL, temperature=0, max_tokens=4,
+        messages=[{"role": "user", "content": [image, question]}])
+    (handle,) = first.headers["x-media-handles"].split(", ")
+    assert handle.startswith("mm://sha256:") and len(handle) == len("mm://sha256:") + 64
+    by_handle = openai_client.chat.completions.with_raw_response.create(
+        model=MODEL, temperature=0, max_tokens=4, stream=True,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": handle}}, question]}],
+        stream_options={"include_usage": True})
+    assert by_handle.headers["x-media-handles"] == handle
+    chunks = list(by_handle.parse())
+    original = first.parse()
+    assert chunks[-1].usage.prompt_tokens == original.usage.prompt_tokens
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == original.choices[0].message.content
+
+
 def test_bad_base64_image_is_a_400_with_openai_error(openai_client):
     import openai
 

@@ -39,6 +39,7 @@ async def test_generate_request_carries_roles_parts_and_sampling(client, fake_ll
             {"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
                 {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
+                {"type": "audio_url", "audio_url": {"url": "mm://sha256:" + "ab" * 32}},
                 {"type": "text", "text": "what do you see and hear"},
             ]},
         ],
@@ -53,9 +54,10 @@ async def test_generate_request_carries_roles_parts_and_sampling(client, fake_ll
     assert sent.model == MODEL_ID
     system, user = sent.messages.messages
     assert (system.role, system.content[0].text) == ("system", "Answer in French.")
-    image, sound, text = user.content
+    image, sound, handle, text = user.content
     assert image.image.url == "data:image/png;base64,iVBORw0KGgo="
     assert (sound.audio.data, sound.audio.mime_type) == (b"RIFF....WAVE", "audio/wav")
+    assert (handle.audio.url, handle.audio.data) == ("mm://sha256:" + "ab" * 32, b"")
     assert text.text == "what do you see and hear"
     s = sent.sampling
     assert (s.max_tokens, s.seed, list(s.stop), s.top_k, s.ignore_eos, s.skip_special_tokens) == (
