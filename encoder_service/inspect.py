@@ -1,10 +1,11 @@
 """Shows what the encoder would do with one file, without loading a tower.
 
-    python -m encoder_service.inspect IMAGE_OR_AUDIO --family F [--max-tiles N]
+    python -m encoder_service.inspect FILE --family F [--max-tiles N] [--frames N]
 
-prints JSON: the family, the grid or slices chosen, the number of tiles/slices, the
-number of embedding rows the LLM will receive, and the content hash (the key of
-the encoder's content store and of `mm://sha256:` handles).
+FILE is an image, an audio clip (families that take audio) or a video (families that
+sample videos into frames). Prints JSON: the family, the grid or slices chosen, the number
+of tiles/slices/frames, the number of embedding rows the LLM will receive, and the content
+hash (the key of the encoder's content store and of `mm://sha256:` handles).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from encoder_service.config import FAMILIES, EncoderConfig
 from encoder_service.errors import EncoderError, InvalidMedia
 from encoder_service.families import build_preprocessor
 from encoder_service.media import decode_image
+from encoder_service.video import frames_content_hash, has_video_stream, sample_frames
 
 
-def describe(path: str, family: str, max_tiles: int | None = None) -> dict[str, Any]:
+def describe(path: str, family: str, max_tiles: int | None = None,
+             frames: int | None = None) -> dict[str, Any]:
     """The plan for the file at `path` under `family`, as a JSON-ready dict."""
-    config = EncoderConfig(family=family, **({"max_tiles": max_tiles} if max_tiles else {}))
+    config = EncoderConfig(family=family, **({"max_tiles": max_tiles} if max_tiles else {}),
+                           **({"video_frames": frames} if frames else {}))
     preprocessor = build_preprocessor(config)
     data = Path(path).read_bytes()
     if len(data) > config.max_media_bytes:
@@ -33,6 +37,8 @@ def describe(path: str, family: str, max_tiles: int | None = None) -> dict[str, 
         media = decode_image(data, config.max_image_pixels)
         facts.update(modality="image", size=[media.width, media.height])
     except InvalidMedia:
+        if getattr(preprocessor, "samples_video", False) and has_video_stream(data):
+            return {**facts, **_describe_video(data, preprocessor, config)}
         if "audio" not in preprocessor.modalities:
             raise
         # Families that take audio decode it themselves (16 kHz samples for Whisper).
@@ -42,16 +48,28 @@ def describe(path: str, family: str, max_tiles: int | None = None) -> dict[str, 
     return {**facts, "max_tiles": config.max_tiles, **plan.to_dict()}
 
 
+def _describe_video(data: bytes, preprocessor, config: EncoderConfig) -> dict[str, Any]:
+    """A video becomes `video_frames` frames of one tile each (see video.py)."""
+    picked = sample_frames(data, config.video_frames, config.max_image_pixels)
+    rows = len(picked) * preprocessor.tokens_per_tile
+    return {"modality": "video", "size": list(picked[0].size), "family": config.family,
+            "grid": None, "num_tiles": len(picked), "num_tokens": rows,
+            "content_hash": frames_content_hash(picked, preprocessor),
+            "frames": len(picked)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m encoder_service.inspect",
-                                     description="preprocessing plan of one image or audio file")
-    parser.add_argument("path", metavar="IMAGE_OR_AUDIO")
+                                     description="preprocessing plan of one media file")
+    parser.add_argument("path", metavar="FILE", help="an image, audio or video file")
     parser.add_argument("--family", required=True, choices=FAMILIES)
     parser.add_argument("--max-tiles", type=int, default=None,
                         help="tiles per image (default: the encoder's default)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames sampled from a video (default: the encoder's default)")
     args = parser.parse_args(argv)
     try:
-        report = describe(args.path, args.family, args.max_tiles)
+        report = describe(args.path, args.family, args.max_tiles, args.frames)
     except (OSError, ValueError, EncoderError) as exc:
         print(f"encoder_service.inspect: {exc}", file=sys.stderr)
         return 1

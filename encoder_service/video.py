@@ -52,6 +52,15 @@ def _open(data: bytes):
         raise InvalidMedia(f"media is not a decodable video ({exc})") from None
 
 
+def has_video_stream(data: bytes) -> bool:
+    """Whether `data` is a container PyAV opens with at least one video stream."""
+    try:
+        with _open(data) as container:
+            return bool(container.streams.video)
+    except InvalidMedia:
+        return False
+
+
 def sample_frames(data: bytes, num_segments: int,
                   max_pixels: int = 40_000_000) -> list[Image.Image]:
     """`num_segments` RGB frames of the encoded video `data`, picked by `get_index`."""
