@@ -58,9 +58,11 @@ class Encoder:
         self.store = ContentStore(config.cache_capacity_bytes)
         self.resolver = MediaResolver(config, self.store)
         self.batcher = TileBatcher(tower, config.max_batch_tiles)
-        # Towers that take a whole item (variable-size slices, per-image merging, audio)
-        # bypass the tile batcher and run one item at a time.
-        self._encode_item = getattr(tower, "encode_item", None)
+        # Towers with fixed-size tiles whose rows are merged per item afterwards (LLaVA's
+        # anyres) batch their tiles like the others; towers that take a whole item
+        # (variable-size slices, audio) bypass the tile batcher and run one item at a time.
+        self._merge_item = getattr(tower, "merge_item", None)
+        self._encode_item = None if self._merge_item else getattr(tower, "encode_item", None)
         self._item_lock = asyncio.Lock()
 
     def start(self) -> None:
@@ -155,4 +157,6 @@ class Encoder:
             async with self._item_lock:
                 return await asyncio.to_thread(self._encode_item, prepared)
         tiles = await self.batcher.encode(prepared.pixel_values)
+        if self._merge_item is not None:
+            return await asyncio.to_thread(self._merge_item, tiles, prepared)
         return tiles.reshape(-1, tiles.shape[-1])

@@ -68,12 +68,14 @@ class LlavaVision(nn.Module):
         rows, cols = unpadded_grid(*inputs.image_size, grid_h, grid_w, side)
         top, left = (grid.shape[0] - rows) // 2, (grid.shape[1] - cols) // 2
         grid = grid[top:top + rows, left:left + cols]
-        newline = self.image_newline.to(grid.dtype).expand(rows, 1, channels)
+        newline = self.image_newline.to(grid.device, grid.dtype).expand(rows, 1, channels)
         return torch.cat([base, torch.cat([grid, newline], dim=1).reshape(-1, channels)])
 
 
 class LlavaTower(Tower):
-    """LLaVA-1.6 vision tower; `encode_item` gives one image's full, variable-length rows."""
+    """LLaVA-1.6 vision tower. Crops are all S x S, so `encode` runs any crops (of several
+    images, batched across requests); `merge_item` turns one image's crop features into its
+    full, variable-length rows."""
 
     def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> None:
         config = read_config(checkpoint_dir)
@@ -107,12 +109,15 @@ class LlavaTower(Tower):
             rows = self.module(pixel_values.to(self.device, self.compute_dtype))
         return rows.to("cpu", self.dtype)
 
-    def encode_item(self, inputs: LlavaInputs) -> torch.Tensor:
-        """One image -> [576 + rows*cols + rows, hidden] rows, as the LLM consumes them."""
+    def merge_item(self, features: torch.Tensor, inputs: LlavaInputs) -> torch.Tensor:
+        """One image's [1 + crops, 576, hidden] features -> its [576 + rows*cols + rows, hidden]
+        rows, as the LLM consumes them."""
         with torch.inference_mode():
-            features = self.module(inputs.pixel_values.to(self.device, self.compute_dtype))
-            rows = self.module.merge(features, inputs, self.side)
-        return rows.to("cpu", self.dtype)
+            return self.module.merge(features, inputs, self.side)
+
+    def encode_item(self, inputs: LlavaInputs) -> torch.Tensor:
+        """One image -> its rows (encode, then merge_item)."""
+        return self.merge_item(self.encode(inputs.pixel_values), inputs)
 
 
 def output_width(checkpoint_dir: str | Path) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import threading
 
 import pytest
 import torch
@@ -161,3 +163,42 @@ async def test_the_encoder_returns_the_variable_row_count_and_reuses_it(tiny_lla
         await encoder.stop()
     assert (first.num_tiles, first.num_tokens, first.embeddings.shape[1]) == (5, 14, 48)
     assert torch.equal(first.embeddings, second.embeddings) and third.cached
+
+
+async def test_crops_of_concurrent_images_share_one_tower_call(tiny_llava):
+    _, path = tiny_llava
+    config = EncoderConfig(port=0, family="llava-1.6", tower="torch", checkpoint=str(path))
+    tower = build_tower(config)
+    encode, entered, release, batches = tower.encode, threading.Event(), threading.Event(), []
+
+    def held_encode(pixel_values):  # the first call holds the tower until released
+        entered.set()
+        release.wait(timeout=10)
+        batches.append(pixel_values.shape[0])
+        return encode(pixel_values)
+
+    tower.encode = held_encode
+    encoder = Encoder(config, tower)
+    sizes = [(90, 90), (100, 60), (60, 100)]
+    items = []
+    for width, height in sizes:
+        buffer = io.BytesIO()
+        striped(width, height).save(buffer, format="PNG")
+        items.append(MediaItem(MediaRef(data=buffer.getvalue())))
+    encoder.start()
+    try:
+        busy = asyncio.create_task(encoder.encode(items[0]))
+        await asyncio.to_thread(entered.wait, 10)
+        rest = asyncio.gather(*(encoder.encode(item) for item in items[1:]))
+        while encoder.batcher._queue.qsize() < 2:  # both wait behind the held call
+            await asyncio.sleep(0.01)
+        release.set()
+        results = [await busy, *await rest]
+    finally:
+        await encoder.stop()
+    assert batches == [5, 10]  # the two queued images' crops went in one call
+    preprocessor = preprocessor_for(path)
+    for (width, height), result in zip(sizes, results):
+        alone = tower.encode_item(preprocessor.preprocess(striped(width, height)))
+        assert result.num_tokens == alone.shape[0] == preprocessor.num_tokens(width, height)
+        torch.testing.assert_close(result.embeddings, alone, rtol=1e-5, atol=1e-5)
