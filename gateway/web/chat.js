@@ -10,6 +10,10 @@ const AUDIO_FORMATS = { "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": 
 const conversation = [];  // OpenAI messages sent so far
 let pending = [];     // content parts attached to the next message
 let controller = null;  // aborts the running request; the gateway then cancels generation
+// Media already sent are resent as the `mm://sha256:` handles the gateway returned for them
+// (X-Media-Handles), not as bytes; each handle part maps back to the part it stands for, in
+// case the encoder has evicted it.
+const originals = new Map();
 
 function headers() {
   const result = { "Content-Type": "application/json" };
@@ -75,6 +79,35 @@ function addNote(box, text) {
   note.className = "note";
   note.textContent = text;
   box.append(note);
+}
+
+function mediaParts() {
+  return conversation.filter((m) => Array.isArray(m.content))
+    .flatMap((m) => m.content.filter((p) => p.type !== "text"));
+}
+
+function useHandles(handles) {
+  if (handles.length !== mediaParts().length) return;
+  let next = 0;
+  for (const message of conversation.filter((m) => Array.isArray(m.content))) {
+    message.content = message.content.map((part) => {
+      if (part.type === "text") return part;
+      const url = handles[next++];
+      if (originals.has(part)) return part;  // already a handle
+      const handle = part.type === "image_url"
+        ? { type: "image_url", image_url: { url } }
+        : { type: "audio_url", audio_url: { url } };
+      originals.set(handle, part);
+      return handle;
+    });
+  }
+}
+
+function dropHandles() {
+  for (const message of conversation.filter((m) => Array.isArray(m.content))) {
+    message.content = message.content.map((part) => originals.get(part) || part);
+  }
+  originals.clear();
 }
 
 function readAsDataURL(file) {
@@ -164,13 +197,20 @@ async function send() {
   setBusy(true);
   setStatus("Generating…");
   let answer = "";
+  const post = () => fetch("/v1/chat/completions", {
+    method: "POST", headers: headers(), signal: controller.signal,
+    body: JSON.stringify({ model: $("model").value || undefined, messages: conversation,
+                           stream: true, max_tokens: Number($("max-tokens").value) || 256 }),
+  });
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({ model: $("model").value || undefined, messages: conversation,
-                             stream: true, max_tokens: Number($("max-tokens").value) || 256 }),
-    });
+    let response = await post();
+    if (response.status === 404 && originals.size) {  // a handle was evicted: send the bytes
+      dropHandles();
+      response = await post();
+    }
     if (!response.ok) throw new Error(await errorMessage(response));
+    const handles = response.headers.get("X-Media-Handles");
+    if (handles) useHandles(handles.split(", "));
     for await (const event of sseEvents(response.body)) {
       if (event.error) throw new Error(event.error.message);
       for (const choice of event.choices || []) {

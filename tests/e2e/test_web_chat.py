@@ -124,3 +124,43 @@ def test_pasted_image_audio_and_key_go_into_the_request(page, tmp_path):
     assert image_part["type"] == "image_url"
     assert image_part["image_url"]["url"].startswith("data:image/png;base64,")
     assert text_part == {"type": "text", "text": "What do you hear?"}
+
+
+def test_media_already_sent_are_resent_as_handles_or_as_bytes_once_evicted(page, tmp_path):
+    """Canned gateway replies: turn 1 returns a handle for the image; turn 2 sends the handle,
+    which the gateway no longer knows (404), so the page resends the image itself."""
+    handle = "mm://sha256:" + "ab" * 32
+    sent = []
+
+    def answer(route):
+        body = route.request.post_data_json
+        sent.append(body)
+        image_url = body["messages"][0]["content"][0]["image_url"]["url"]
+        if image_url == handle and len(sent) == 2:
+            route.fulfill(status=404, content_type="application/json",
+                          body='{"error": {"message": "unknown media handle", "type": '
+                               '"invalid_request_error", "param": null, "code": null}}')
+            return
+        chunk = '{"choices":[{"index":0,"delta":{"content":"Seen."},"finish_reason":null}]}'
+        route.fulfill(status=200, content_type="text/event-stream",
+                      headers={"X-Media-Handles": handle},
+                      body=f"data: {chunk}\n\ndata: [DONE]\n\n")
+
+    page.route("**/v1/chat/completions", answer)
+    image = tmp_path / "dot.png"
+    image.write_bytes(png_bytes(16, 16))
+    page.set_input_files("#image-input", str(image))
+    page.wait_for_selector("#attachments img")
+    for turn, question in enumerate(["What is it?", "And its colour?", "Thanks."], start=1):
+        page.fill("#message", question)
+        page.press("#message", "Enter")
+        wait_until(lambda: page.locator(".msg.assistant .content:text('Seen.')").count() == turn,
+                   10, f"no answer to turn {turn}")
+
+    urls = [body["messages"][0]["content"][0]["image_url"]["url"] for body in sent]
+    assert urls[0].startswith("data:image/png;base64,")
+    assert urls[1] == handle  # turn 2 sent the handle, got a 404 ...
+    assert urls[2] == urls[0]  # ... and sent the image itself again
+    assert urls[3] == handle  # turn 3: the handle the retry returned
+    assert [len(body["messages"]) for body in sent] == [1, 3, 3, 5]
+    assert page.locator(".msg.error").count() == 0
