@@ -79,6 +79,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--http-total-timeout-s", "http_total_timeout_s", float, "seconds for a whole download"),
     ("--max-redirects", "max_redirects", int, "redirects followed, each re-checked"),
     ("--chunk-bytes", "chunk_bytes", int, "embedding bytes per response message (< 4 MiB)"),
+    ("--shm-dir", "shm_dir", str, "tmpfs directory for same-host embedding transfer to "
+     "callers that prove they share it (default: /dev/shm when it exists; empty: off)"),
     ("--cache-capacity-bytes", "cache_capacity_bytes", int, "content store size"),
     ("--shutdown-grace-s", "shutdown_grace_s", float, "seconds in-flight calls get on shutdown"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (serves TLS; with --tls-key)"),

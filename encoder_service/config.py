@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ TOWERS = ("demo", "torch", "tensorrt")
 DEMO_HIDDEN_SIZE = 576  # the embedded SmolLM2-135M
 MAX_VIDEO_FRAMES = 64
 DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_SHM_DIR = "/dev/shm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,9 @@ class EncoderConfig:
     http_total_timeout_s: float = 30.0  # caps slow-drip responses as a whole
     max_redirects: int = 3
     chunk_bytes: int = 3 * MIB
+    # Directory for same-host embedding files offered by callers that can prove they see it.
+    # None: DEFAULT_SHM_DIR when it exists; empty: rows always go in-band.
+    shm_dir: str | None = None
     cache_capacity_bytes: int = 512 * MIB  # decoded images + embeddings kept for reuse
     shutdown_grace_s: float = 5.0
     # TLS: server certificate and key; with a CA, clients must present a certificate it signed.
@@ -75,6 +80,11 @@ class EncoderConfig:
         # Normalise list-like input (YAML lists, repeated flags) so the object stays hashable.
         object.__setattr__(self, "allowed_domains",
                            tuple(d.strip().lower().rstrip(".") for d in self.allowed_domains))
+        if self.shm_dir is None:
+            object.__setattr__(self, "shm_dir",
+                               DEFAULT_SHM_DIR if os.path.isdir(DEFAULT_SHM_DIR) else "")
+        elif self.shm_dir:
+            object.__setattr__(self, "shm_dir", os.path.normpath(self.shm_dir))
         checks = [self._resolve_hidden_size(),
             (bool(self.host), f"host must not be empty, got {self.host!r}"),
             (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
@@ -117,6 +127,8 @@ class EncoderConfig:
             (1024 <= self.chunk_bytes <= GRPC_MESSAGE_LIMIT - 64 * 1024,
              f"chunk_bytes must be in [1024, {GRPC_MESSAGE_LIMIT - 64 * 1024}] "
              f"(below the 4 MiB gRPC message limit), got {self.chunk_bytes}"),
+            (not self.shm_dir or Path(self.shm_dir).is_dir(),
+             f"shm_dir must be an existing directory or empty, got {self.shm_dir!r}"),
             (self.cache_capacity_bytes >= 0,
              f"cache_capacity_bytes must be >= 0, got {self.cache_capacity_bytes}"),
             (self.shutdown_grace_s >= 0,

@@ -20,7 +20,10 @@ from encoder_service.errors import EncoderError, Unavailable, status_code
 from encoder_service.families import build_preprocessor
 from encoder_service.media import MediaRef
 from encoder_service.towers import Tower, build_tower
-from encoder_service.wire import dtype_to_pb, tensor_to_chunks, torch_dtype
+from encoder_service.wire import (
+    SHM_MIN_BYTES, ShmOffers, dtype_to_pb, new_region_name, remove_regions,
+    remove_stale_regions, tensor_to_chunks, torch_dtype, write_region,
+)
 from protos.stubs import load
 
 common_pb2 = load("common_pb2")
@@ -30,6 +33,9 @@ encoder_pb2_grpc = load("encoder_pb2_grpc")
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
+# Region files are taken at once; older ones were left by callers that went away.
+STALE_REGION_S = 300.0
+SWEEP_INTERVAL_S = 60.0
 _MODALITY = {common_pb2.MODALITY_UNSPECIFIED: "image", common_pb2.MODALITY_IMAGE: "image",
              common_pb2.MODALITY_AUDIO: "audio", common_pb2.MODALITY_VIDEO: "video"}
 
@@ -97,6 +103,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                             if pb != common_pb2.MODALITY_UNSPECIFIED
                             and name in preprocessor.modalities]
         self.encoder: Encoder | None = None  # set once the tower is loaded
+        self._shm = ShmOffers(config.shm_dir)
+        self._next_sweep = 0.0
 
     @_map_errors
     async def Encode(self, request: encoder_pb2.EncodeRequest,
@@ -107,14 +115,21 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         started = time.perf_counter()
         tiles = cached = 0
         outcome = "INTERNAL"
+        shm = request.HasField("shm") and self._accept_shm(request.shm)
+        regions: list[str] = []  # created by this call; removed unless it ends well
         try:
             items = [item_from_pb(item) for item in request.items]
             async with contextlib.aclosing(self.encoder.encode_all(items)) as results:
                 index = 0
                 async for result in results:
                     yield encoder_pb2.EncodeResponse(item_index=index, header=header_to_pb(result))
-                    for chunk in tensor_to_chunks(result.embeddings, self._config.chunk_bytes):
-                        yield encoder_pb2.EncodeResponse(item_index=index, chunk=chunk)
+                    region = (await asyncio.to_thread(self._write_region, result, regions)
+                              if shm else None)
+                    if region is not None:
+                        yield encoder_pb2.EncodeResponse(item_index=index, shm=region)
+                    else:
+                        for chunk in tensor_to_chunks(result.embeddings, self._config.chunk_bytes):
+                            yield encoder_pb2.EncodeResponse(item_index=index, chunk=chunk)
                     tiles += result.num_tiles
                     cached += result.cached
                     index += 1
@@ -126,9 +141,39 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             outcome = "CANCELLED"
             raise
         finally:
-            log.info("encode request_id=%s items=%d tiles=%d cached=%d status=%s ms=%.1f",
-                     rid, len(request.items), tiles, cached, outcome,
-                     (time.perf_counter() - started) * 1000)
+            if outcome != "OK":
+                remove_regions(self._shm.directory, regions)
+            log.info("encode request_id=%s items=%d tiles=%d cached=%d status=%s ms=%.1f "
+                     "shm=%s", rid, len(request.items), tiles, cached, outcome,
+                     (time.perf_counter() - started) * 1000, "yes" if shm else "no")
+
+    def _accept_shm(self, offer: encoder_pb2.ShmOffer) -> bool:
+        """Whether this call's rows may go through the shared directory; sweeps it now and then."""
+        if not self._shm.accept(offer):
+            return False
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL_S
+            try:
+                remove_stale_regions(self._shm.directory, STALE_REGION_S)
+            except OSError as exc:
+                log.warning("cannot sweep %s: %s", self._shm.directory, exc)
+        return True
+
+    def _write_region(self, result: EncodedItem,
+                      regions: list[str]) -> encoder_pb2.ShmRegion | None:
+        """The item's rows as a new file in the shared directory, or None: send them in-band."""
+        embeddings = result.embeddings
+        if embeddings.numel() * embeddings.element_size() < SHM_MIN_BYTES:
+            return None
+        name = new_region_name()
+        regions.append(name)
+        try:
+            return write_region(self._shm.directory, name, embeddings)
+        except OSError as exc:
+            log.warning("cannot write %s in %s, sending in-band: %s",
+                        name, self._shm.directory, exc)
+            return None
 
     @_map_errors
     async def GetModelInfo(self, request: encoder_pb2.EncoderInfoRequest,

@@ -27,6 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="host:port, a comma-separated list, or dns:///name:port (round-robin)")
     p.add_argument("--encoder-wait", type=float, default=float(env(ENV + "ENCODER_WAIT", "60")),
                    help="seconds to wait for the encoder at start-up")
+    p.add_argument("--embedding-transport", choices=("auto", "inband"),
+                   default=env(ENV + "EMBEDDING_TRANSPORT"),
+                   help="auto: take the encoder's rows through --shm-dir when it is on the same "
+                        "host (falls back to in-band); inband: always over gRPC")
+    p.add_argument("--shm-dir", default=env(ENV + "SHM_DIR"),
+                   help="tmpfs directory shared with the encoder (default /dev/shm; the "
+                        "encoder's --shm-dir must be the same path)")
     p.add_argument("--model-name", default=env(ENV + "MODEL_NAME"))
     p.add_argument("--family", default=env(ENV + "FAMILY"))
     p.add_argument("--checkpoint", default=env(ENV + "CHECKPOINT"))

@@ -89,8 +89,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
     family = load_family(config.family, tokenizer)
     engine = build_engine(config, model_dir)
     await engine.start()
-    encoder = (EncoderClient(config.encoder_address, encoder_creds) if config.encoder_address
-               else None)
+    encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir)
+               if config.encoder_address else None)
     try:
         if encoder is not None:
             await check_encoder(encoder, engine.hidden_size, config.encoder_wait_s)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 ENGINE_KINDS = ("torch", "trtllm")
+# auto: offer the encoder same-host transfer through shm_dir when it is a writable directory.
+EMBEDDING_TRANSPORTS = ("auto", "inband")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,8 @@ class LLMConfig:
     encoder_address: str = ""  # empty: text only
     encoder_wait_s: float = 60.0  # how long start-up waits for the encoder's info call
     max_media_items: int = 16
+    embedding_transport: str = "auto"
+    shm_dir: str = "/dev/shm"  # must be the encoder's --shm-dir for same-host transfer
     engine_kind: str = "torch"
     engine_options: dict[str, Any] = field(default_factory=dict)  # engine: section of the YAML
     grace_s: float = 5.0
@@ -32,9 +36,17 @@ class LLMConfig:
     encoder_tls_key: Path | None = None
     encoder_tls_ca: Path | None = None
 
+    @property
+    def encoder_shm_dir(self) -> str | None:
+        """The directory the encoder client offers, or None: rows always come in-band."""
+        return self.shm_dir if self.embedding_transport == "auto" and self.shm_dir else None
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.embedding_transport not in EMBEDDING_TRANSPORTS:
+            raise ValueError(f"embedding_transport must be one of {EMBEDDING_TRANSPORTS}, "
+                             f"got {self.embedding_transport!r}")
         if self.engine_kind not in ENGINE_KINDS:
             raise ValueError(f"engine kind must be one of {ENGINE_KINDS}, got {self.engine_kind!r}")
         if self.max_media_items < 0:
@@ -56,6 +68,7 @@ class LLMConfig:
     def from_sources(cls, sections: dict[str, dict[str, Any]], args: argparse.Namespace) -> LLMConfig:
         """YAML sections first, then flags that were given explicitly."""
         model, llm = sections["model"], sections["llm"]
+        default = {f.name: f.default for f in fields(cls)}  # slots: no class attributes
         engine = dict(sections["engine"])
         kind = engine.pop("kind", "torch")
         for key, flag in (("kv_cache_bytes", "kv_cache_bytes"), ("max_num_seqs", "max_num_seqs"),
@@ -69,13 +82,17 @@ class LLMConfig:
         return cls(
             host=args.host,
             port=args.port,
-            model_name=args.model_name or model.get("name", cls.model_name),
-            family=args.family or model.get("family", cls.family),
-            checkpoint=args.checkpoint or llm.get("checkpoint", cls.checkpoint),
+            model_name=args.model_name or model.get("name", default["model_name"]),
+            family=args.family or model.get("family", default["family"]),
+            checkpoint=args.checkpoint or llm.get("checkpoint", default["checkpoint"]),
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             encoder_address=args.encoder_address,
             encoder_wait_s=args.encoder_wait,
-            max_media_items=llm.get("max_media_items", cls.max_media_items),
+            max_media_items=llm.get("max_media_items", default["max_media_items"]),
+            embedding_transport=getattr(args, "embedding_transport", None)
+            or llm.get("embedding_transport", default["embedding_transport"]),
+            shm_dir=_first(getattr(args, "shm_dir", None), llm.get("shm_dir"),
+                           default["shm_dir"]),
             engine_kind=args.engine or kind,
             engine_options=engine,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
@@ -84,3 +101,8 @@ class LLMConfig:
             **{f"encoder_tls_{name}": Path(value) for name in ("cert", "key", "ca")
                if (value := getattr(args, f"encoder_tls_{name}", None))},
         )
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (an empty string counts: it turns a path off)."""
+    return next(value for value in values if value is not None)

@@ -3,18 +3,24 @@
 Each media item is its own Encode call, all issued concurrently, so a request's
 images spread over the encoder pool (gRPC round-robin over a DNS name, or our
 own rotation over a comma-separated address list).
+
+With a shared-memory directory, every call offers it (backed by a probe file made
+once); an encoder on the same host then hands rows over as files there instead
+of streaming them, and any other encoder streams them as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
 from dataclasses import dataclass
 
 import grpc
 import torch
 
-from encoder_service.wire import chunks_to_tensor
+from encoder_service.wire import chunks_to_tensor, create_probe, read_region, remove_probe
 from llm_service.errors import (
     DeadlineExceeded, InvalidRequest, NotFound, PermissionDenied, ServiceError, Unavailable,
 )
@@ -25,6 +31,7 @@ common_pb2 = load("common_pb2")
 encoder_pb2 = load("encoder_pb2")
 encoder_pb2_grpc = load("encoder_pb2_grpc")
 
+log = logging.getLogger(__name__)
 _MAX_MESSAGE = 64 * 1024 * 1024
 _STATUS_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
@@ -66,7 +73,10 @@ class EncoderInfo:
 
 
 class EncoderClient:
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None,
+                 shm_dir: str | None = None) -> None:
+        """`shm_dir`: offer same-host transfer through this directory when it is writable;
+        None or empty: rows always come in-band."""
         options = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.lb_policy_name", "round_robin"),
@@ -81,9 +91,30 @@ class EncoderClient:
         ]
         self._stubs = [encoder_pb2_grpc.EncoderStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
+        self._shm_dir = shm_dir or None
+        self._offer: encoder_pb2.ShmOffer | None = None
 
     async def close(self) -> None:
+        self._shm_dir = None
+        if self._offer is not None:
+            remove_probe(self._offer)
+            self._offer = None
         await asyncio.gather(*(c.close() for c in self._channels))
+
+    def _shm_offer(self) -> encoder_pb2.ShmOffer | None:
+        """The offer sent with every call, its probe made on first use; None: in-band only."""
+        if self._offer is not None or self._shm_dir is None:
+            return self._offer
+        directory, self._shm_dir = self._shm_dir, None
+        if not (os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)):
+            log.info("%s is not a writable directory: embedding rows come in-band", directory)
+            return None
+        try:
+            self._offer = create_probe(directory)
+        except OSError as exc:
+            log.warning("cannot create a probe in %s, embedding rows come in-band: %s",
+                        directory, exc)
+        return self._offer
 
     async def info(self, timeout: float = 5.0) -> EncoderInfo:
         try:
@@ -109,20 +140,42 @@ class EncoderClient:
             items=[encoder_pb2.MediaItem(modality=_MODALITY[item.modality], ref=ref,
                                          max_tiles=item.max_tiles, num_frames=item.num_frames)],
         )
+        offer = self._shm_offer()
+        if offer is not None:
+            request.shm.CopyFrom(offer)
         stub = self._stubs[next(self._next)]
-        header, chunks = None, []
+        header, chunks, rows = None, [], None
         try:
             async for reply in stub.Encode(request, timeout=timeout,
                                            metadata=(("x-request-id", request_id),)):
-                if reply.HasField("header"):
+                part = reply.WhichOneof("part")
+                if part == "header":
                     header = reply.header
-                else:
+                elif part == "chunk":
                     chunks.append(reply.chunk)
+                elif part == "shm":
+                    rows = await asyncio.to_thread(_take_region, offer, header, reply.shm)
         except grpc.aio.AioRpcError as exc:
             raise _to_error(exc) from None
         if header is None:
             raise Unavailable("the encoder returned no embedding header")
-        return EncodedItem(chunks_to_tensor(header, chunks), header.content_hash, header.num_tiles)
+        if rows is None:
+            rows = chunks_to_tensor(header, chunks)
+        return EncodedItem(rows, header.content_hash, header.num_tiles)
+
+
+def _take_region(offer: encoder_pb2.ShmOffer | None, header: encoder_pb2.ItemHeader | None,
+                 region: encoder_pb2.ShmRegion) -> torch.Tensor:
+    """Reads (and removes) the rows the encoder left in the offered directory."""
+    if offer is None:
+        raise Unavailable(f"the encoder sent shared-memory region {region.name!r} "
+                          "although none was offered")
+    try:
+        return read_region(offer.dir, header if header is not None else encoder_pb2.ItemHeader(),
+                           region)
+    except (OSError, ValueError) as exc:
+        raise Unavailable(f"cannot read embedding rows from shared-memory region "
+                          f"{region.name!r} in {offer.dir}: {exc}") from None
 
 
 def _to_error(exc: grpc.aio.AioRpcError) -> ServiceError:
