@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -17,6 +18,30 @@ from llm_service.engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024**2  # the largest value glibc accepts on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default, blocks of a few MiB come from mmap and freed heap tops are trimmed, so each
+    step's temporaries (gathered K/V, activations) fault their pages in again: at 64 decoding
+    sequences on CPU that was 8.7 M page faults and a third of the run in the kernel, and
+    decode steps took 416 ms instead of 263 ms. Process-wide; False where libc is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    # Both, in this order: a fixed trim threshold alone also freezes the mmap threshold at
+    # its 128 KiB default, which is worse than leaving both alone.
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,6 +77,8 @@ class ModelRunner:
         if max_len > spec.max_position_embeddings:
             raise ValueError(f"max_model_len {max_len} exceeds the model's "
                              f"max_position_embeddings {spec.max_position_embeddings}")
+        if self.device.type == "cpu" and not keep_freed_memory():
+            log.info("not glibc: freed memory goes back to the kernel (more page faults)")
         self.model = load_model(config.model_dir, self.device, self.dtype, max_len,
                                 prepack=config.max_num_seqs)
         self.spec = spec
