@@ -82,6 +82,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--shm-dir", "shm_dir", str, "tmpfs directory for same-host embedding transfer to "
      "callers that prove they share it (default: /dev/shm when it exists; empty: off)"),
     ("--cache-capacity-bytes", "cache_capacity_bytes", int, "content store size"),
+    ("--metrics-port", "metrics_port", int, "serve Prometheus /metrics over HTTP on this port "
+     "(queue depth, requests, tower calls; default: off)"),
     ("--shutdown-grace-s", "shutdown_grace_s", float, "seconds in-flight calls get on shutdown"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (serves TLS; with --tls-key)"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),

@@ -37,6 +37,7 @@ class TileBatcher:
         self._held: deque[_Job] = deque()  # taken from the queue but did not fit the last batch
         self._worker: asyncio.Task[None] | None = None
         self.tower_calls = 0
+        self.queued_tiles = 0  # waiting for a tower call
 
     def start(self) -> None:
         if self._worker is None:
@@ -52,6 +53,7 @@ class TileBatcher:
             self._held.append(self._queue.get_nowait())
         self._fail(self._held, Unavailable("the encoder is shutting down; retry"))
         self._held.clear()
+        self.queued_tiles = 0
 
     async def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden]."""
@@ -59,6 +61,7 @@ class TileBatcher:
             raise Unavailable("the encoder is not running; retry")
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(pixel_values, future))
+        self.queued_tiles += pixel_values.shape[0]
         return await future
 
     async def _run(self) -> None:
@@ -79,6 +82,7 @@ class TileBatcher:
             if batch and tiles + size > self._max_batch_tiles:
                 break
             self._held.popleft()
+            self.queued_tiles -= size
             if job.future.cancelled():  # the caller went away while it waited
                 continue
             batch.append(job)

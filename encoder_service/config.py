@@ -70,6 +70,7 @@ class EncoderConfig:
     # None: DEFAULT_SHM_DIR when it exists; empty: rows always go in-band.
     shm_dir: str | None = None
     cache_capacity_bytes: int = 512 * MIB  # decoded images + embeddings kept for reuse
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any free port
     shutdown_grace_s: float = 5.0
     # TLS: server certificate and key; with a CA, clients must present a certificate it signed.
     tls_cert: str | None = None
@@ -129,6 +130,8 @@ class EncoderConfig:
              f"(below the 4 MiB gRPC message limit), got {self.chunk_bytes}"),
             (not self.shm_dir or Path(self.shm_dir).is_dir(),
              f"shm_dir must be an existing directory or empty, got {self.shm_dir!r}"),
+            (self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+             f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
             (self.cache_capacity_bytes >= 0,
              f"cache_capacity_bytes must be >= 0, got {self.cache_capacity_bytes}"),
             (self.shutdown_grace_s >= 0,

@@ -19,6 +19,7 @@ from encoder_service.encoder import EncodedItem, Encoder, MediaItem
 from encoder_service.errors import EncoderError, Unavailable, status_code
 from encoder_service.families import build_preprocessor
 from encoder_service.media import MediaRef
+from encoder_service.metrics import EncoderMetrics, serve_metrics
 from encoder_service.towers import Tower, build_tower
 from encoder_service.wire import (
     SHM_MIN_BYTES, ShmOffers, dtype_to_pb, new_region_name, remove_regions,
@@ -105,6 +106,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.encoder: Encoder | None = None  # set once the tower is loaded
         self._shm = ShmOffers(config.shm_dir)
         self._next_sweep = 0.0
+        self.metrics = EncoderMetrics(lambda: self.encoder)
 
     @_map_errors
     async def Encode(self, request: encoder_pb2.EncodeRequest,
@@ -117,10 +119,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         outcome = "INTERNAL"
         shm = request.HasField("shm") and self._accept_shm(request.shm)
         regions: list[str] = []  # created by this call; removed unless it ends well
+        index = 0  # items sent
         try:
             items = [item_from_pb(item) for item in request.items]
             async with contextlib.aclosing(self.encoder.encode_all(items)) as results:
-                index = 0
                 async for result in results:
                     yield encoder_pb2.EncodeResponse(item_index=index, header=header_to_pb(result))
                     region = (await asyncio.to_thread(self._write_region, result, regions)
@@ -143,6 +145,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         finally:
             if outcome != "OK":
                 remove_regions(self._shm.directory, regions)
+            self.metrics.record(outcome, index, cached, tiles)
             log.info("encode request_id=%s items=%d tiles=%d cached=%d status=%s ms=%.1f "
                      "shm=%s", rid, len(request.items), tiles, cached, outcome,
                      (time.perf_counter() - started) * 1000, "yes" if shm else "no")
@@ -219,6 +222,8 @@ class EncoderServer:
             ("grpc.max_connection_age_grace_ms", 60_000),
         ])
         self.port = 0
+        self.metrics_port = 0
+        self._metrics_server = None
 
     @property
     def encoder(self) -> Encoder | None:
@@ -241,6 +246,10 @@ class EncoderServer:
         except RuntimeError as exc:
             raise OSError(f"cannot bind {host}:{self.config.port}: {exc}") from exc
         await self._server.start()
+        if self.config.metrics_port is not None:
+            self._metrics_server = serve_metrics(self._servicer.metrics, self.config.host,
+                                                 self.config.metrics_port)
+            self.metrics_port = self._metrics_server.server_port
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         tower = self._tower or await asyncio.to_thread(build_tower, self.config)
         encoder = Encoder(self.config, tower)
@@ -256,6 +265,10 @@ class EncoderServer:
         """Reports NOT_SERVING, lets in-flight calls finish for `grace` seconds, then stops."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self._servicer.encoder is not None:
             await self._servicer.encoder.stop()
 
