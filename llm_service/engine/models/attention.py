@@ -95,14 +95,20 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    # One query row per head; SDPA maps query heads onto their KV heads itself (enable_gqa),
-    # which the CPU kernel runs faster than grouping the heads' rows under one KV head.
     n, num_heads, head_dim = q.shape
     num_kv_heads = cache.shape[3]
     blocks = meta.decode_blocks.flatten()
     keys = _gather(cache[0], blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
     values = _gather(cache[1], blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2),
-                                       values.transpose(1, 2), attn_mask=meta.decode_mask,
-                                       enable_gqa=True)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    if q.is_cuda:
+        # Query heads sharing a KV head attend together as that head's "query rows": no
+        # repeated K/V, and every CUDA SDPA backend takes it, with a padding mask too.
+        qg = q.unflatten(1, (num_kv_heads, num_heads // num_kv_heads))
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.decode_mask)
+    else:
+        # One query row per head, mapped onto its KV head by SDPA (enable_gqa): the CPU
+        # kernel runs this faster than the grouped rows.
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
+                                           attn_mask=meta.decode_mask, enable_gqa=True)
     return o.reshape(n, num_heads, head_dim)
