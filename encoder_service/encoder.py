@@ -109,13 +109,8 @@ class Encoder:
             return await self._encode_audio(item)
         image = await self.resolver.load_image(item.ref)
         key = await asyncio.to_thread(self.preprocessor.content_hash, image, max_tiles)
-        stored = self.store.get(key)
-        if stored is not None:
-            return EncodedItem(stored.embeddings, stored.num_tiles, key, cached=True)
-        prepared = await asyncio.to_thread(self.preprocessor.preprocess, image, max_tiles)
-        rows = await self._run_tower(prepared)
-        self.store.put(key, StoredItem(image, rows, prepared.num_tiles))
-        return EncodedItem(rows, prepared.num_tiles, key, cached=False)
+        return await self._stored_or_encoded(key, image, "image", self.preprocessor.preprocess,
+                                             image, max_tiles)
 
     async def _encode_audio(self, item: MediaItem) -> EncodedItem:
         """Audio is decoded to 16 kHz samples, hashed and encoded as one item; the store
@@ -123,13 +118,8 @@ class Encoder:
         data = await self.resolver.load_audio_bytes(item.ref)
         samples = await asyncio.to_thread(self.preprocessor.decode_audio, data)
         key = await asyncio.to_thread(self.preprocessor.content_hash, samples, 0)
-        stored = self.store.get(key)
-        if stored is not None:
-            return EncodedItem(stored.embeddings, stored.num_tiles, key, cached=True)
-        prepared = await asyncio.to_thread(self.preprocessor.preprocess, samples, 0)
-        rows = await self._run_tower(prepared)
-        self.store.put(key, StoredItem(data, rows, prepared.num_tiles, kind="audio"))
-        return EncodedItem(rows, prepared.num_tiles, key, cached=False)
+        return await self._stored_or_encoded(key, data, "audio", self.preprocessor.preprocess,
+                                             samples, 0)
 
     async def _encode_video(self, item: MediaItem) -> EncodedItem:
         """Frames sampled by InternVL's rule, one tile each; the rows of all frames come back
@@ -143,12 +133,19 @@ class Encoder:
         frames = await asyncio.to_thread(sample_frames, data, num_frames,
                                          self.config.max_image_pixels)
         key = await asyncio.to_thread(frames_content_hash, frames, self.preprocessor)
+        return await self._stored_or_encoded(key, data, "video", frames_to_pixel_values,
+                                             frames, self.preprocessor)
+
+    async def _stored_or_encoded(self, key: str, source, kind: str, preprocess,
+                                 *args) -> EncodedItem:
+        """The stored rows under `key`, or `preprocess(*args)` run through the tower and
+        stored with `source` (what re-encoding the item needs)."""
         stored = self.store.get(key)
         if stored is not None:
             return EncodedItem(stored.embeddings, stored.num_tiles, key, cached=True)
-        prepared = await asyncio.to_thread(frames_to_pixel_values, frames, self.preprocessor)
+        prepared = await asyncio.to_thread(preprocess, *args)
         rows = await self._run_tower(prepared)
-        self.store.put(key, StoredItem(data, rows, prepared.num_tiles, kind="video"))
+        self.store.put(key, StoredItem(source, rows, prepared.num_tiles, kind=kind))
         return EncodedItem(rows, prepared.num_tiles, key, cached=False)
 
     async def _run_tower(self, prepared) -> torch.Tensor:
