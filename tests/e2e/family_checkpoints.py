@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from hf_layouts import qwen_v1_state
 from safetensors.torch import save_file
 
 SEED = 0
@@ -155,22 +156,7 @@ def build_qwen_vl(directory: Path) -> Path:
     dims = {**WIDE_LLM, "num_key_value_heads": WIDE_LLM["num_attention_heads"]}
     llm = Qwen2ForCausalLM(Qwen2Config(**dims, vocab_size=vocab, tie_word_embeddings=False))
     _randomize(llm, SEED)
-    src = llm.state_dict()
-    # The Qwen (v1) remote-code layout: c_attn = [q; k; v] with bias, mlp.w2 is the gated half.
-    state = {"transformer.wte.weight": src["model.embed_tokens.weight"],
-             "transformer.ln_f.weight": src["model.norm.weight"],
-             "lm_head.weight": src["lm_head.weight"]}
-    for i in range(dims["num_hidden_layers"]):
-        s, t = f"model.layers.{i}.", f"transformer.h.{i}."
-        for kind in ("weight", "bias"):
-            state[t + f"attn.c_attn.{kind}"] = torch.cat(
-                [src[s + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
-        state[t + "attn.c_proj.weight"] = src[s + "self_attn.o_proj.weight"]
-        state[t + "mlp.w2.weight"] = src[s + "mlp.gate_proj.weight"]
-        state[t + "mlp.w1.weight"] = src[s + "mlp.up_proj.weight"]
-        state[t + "mlp.c_proj.weight"] = src[s + "mlp.down_proj.weight"]
-        state[t + "ln_1.weight"] = src[s + "input_layernorm.weight"]
-        state[t + "ln_2.weight"] = src[s + "post_attention_layernorm.weight"]
+    state = qwen_v1_state(llm.state_dict(), dims["num_hidden_layers"])
     rand = _rand_fn(SEED + 1)
     width, patch, out = QWEN_VISUAL["width"], QWEN_VISUAL["patch_size"], QWEN_VISUAL["output_dim"]
     mlp, queries = int(width * QWEN_VISUAL["mlp_ratio"]), QWEN_VISUAL["n_queries"]

@@ -10,17 +10,14 @@ and each special token is one token.
 from __future__ import annotations
 
 import base64
-import io
-import math
-import wave
 from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
 import yaml
 
 from e2e_stack import data_url, png_bytes, start_stack, stop
 from family_checkpoints import BUILDERS
+from hf_layouts import wav_bytes
 
 pytestmark = [pytest.mark.e2e]
 
@@ -147,18 +144,6 @@ def chat(family, content, max_tokens: int = 3):
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens <= max_tokens
     return reply
-
-
-def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * math.pi * 440 * t) * 32767).astype(np.int16)
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return buffer.getvalue()
 
 
 def test_text_request_counts_the_family_template(family):

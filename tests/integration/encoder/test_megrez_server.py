@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import wave
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,6 +19,7 @@ from encoder_service.server import EncoderServer
 from encoder_service.towers.siglip import Resampler
 from encoder_service.towers.whisper import BLOCK_NAMES, WhisperAudioEncoder
 from encoder_service.wire import chunks_to_tensor
+from hf_layouts import wav_bytes
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc
 
 HIDDEN = 256
@@ -64,15 +63,8 @@ async def channel(checkpoint):
     await server.stop(grace=0)
 
 
-def wav(seconds: float, rate: int = 22050) -> bytes:
-    samples = (0.3 * np.sin(np.arange(int(seconds * rate)) * 0.07) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return buffer.getvalue()
+def wav(seconds: float) -> bytes:
+    return wav_bytes(seconds, rate=22050)  # not 16 kHz: the encoder resamples
 
 
 def png_url(width: int, height: int) -> str:

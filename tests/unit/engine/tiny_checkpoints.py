@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from hf_layouts import qwen_v1_state
 from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
@@ -85,26 +86,9 @@ def _internlm2_state(llama_state: dict[str, torch.Tensor], layers: int) -> dict[
 
 
 def _qwen_state(qwen2_state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """The Qwen (v1) remote-code layout: transformer.h.N.attn.c_attn = [q; k; v] with bias,
-    mlp.w2 is the SiLU-gated half and mlp.w1 the other."""
-    state = {
-        "transformer.wte.weight": qwen2_state["model.embed_tokens.weight"],
-        "transformer.ln_f.weight": qwen2_state["model.norm.weight"],
-        "lm_head.weight": qwen2_state["lm_head.weight"],
-        "transformer.visual.conv1.weight": torch.zeros(8, 3, 2, 2),  # must be skipped
-    }
-    for i in range(layers):
-        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
-        for kind in ("weight", "bias"):
-            state[dst + f"attn.c_attn.{kind}"] = torch.cat(
-                [qwen2_state[src + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
-        state[dst + "attn.c_proj.weight"] = qwen2_state[src + "self_attn.o_proj.weight"]
-        state[dst + "mlp.w2.weight"] = qwen2_state[src + "mlp.gate_proj.weight"]
-        state[dst + "mlp.w1.weight"] = qwen2_state[src + "mlp.up_proj.weight"]
-        state[dst + "mlp.c_proj.weight"] = qwen2_state[src + "mlp.down_proj.weight"]
-        state[dst + "ln_1.weight"] = qwen2_state[src + "input_layernorm.weight"]
-        state[dst + "ln_2.weight"] = qwen2_state[src + "post_attention_layernorm.weight"]
-    return state
+    """The Qwen (v1) layout, plus a vision weight the engine must skip."""
+    return {**qwen_v1_state(qwen2_state, layers),
+            "transformer.visual.conv1.weight": torch.zeros(8, 3, 2, 2)}
 
 
 QWEN_CONFIG = {
