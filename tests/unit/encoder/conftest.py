@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from encoder_service.config import EncoderConfig
+from encoder_service.encoder import Encoder
+from encoder_service.towers.demo import DemoTower
 
 
 @pytest.fixture
 def config() -> EncoderConfig:
     return EncoderConfig(port=0)
+
+
+@pytest.fixture
+async def encoder(config):
+    """A started Encoder with the default config and the seeded demo tower."""
+    encoder = Encoder(config, DemoTower(hidden_size=config.hidden_size, dtype=torch.float32,
+                                        seed=0))
+    encoder.start()
+    yield encoder
+    await encoder.stop()

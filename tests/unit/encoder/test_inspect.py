@@ -9,15 +9,13 @@ import sys
 from contextlib import redirect_stdout
 
 import pytest
-import torch
 from PIL import Image
 
 from encoder_service.config import FAMILIES, EncoderConfig
-from encoder_service.encoder import Encoder, MediaItem
+from encoder_service.encoder import MediaItem
 from encoder_service.families import build_preprocessor
 from encoder_service.inspect import describe, main
 from encoder_service.media import MediaRef
-from encoder_service.towers.demo import DemoTower
 
 from .test_video import make_video
 
@@ -66,7 +64,7 @@ def test_every_registered_family_describes_an_image(image_1000x600, family):
     assert len(report["content_hash"]) == 64
 
 
-async def test_a_video_is_planned_as_the_encoder_encodes_it(tmp_path):
+async def test_a_video_is_planned_as_the_encoder_encodes_it(tmp_path, encoder):
     data = make_video(20)
     path = tmp_path / "clip.mp4"
     path.write_bytes(data)
@@ -74,18 +72,11 @@ async def test_a_video_is_planned_as_the_encoder_encodes_it(tmp_path):
     assert code == 0
     assert (report["modality"], report["frames"], report["num_tiles"], report["num_tokens"]) == (
         "video", 3, 3, 768)
-    config = EncoderConfig(port=0)
-    encoder = Encoder(config, DemoTower(hidden_size=config.hidden_size, dtype=torch.float32,
-                                        seed=0))
-    encoder.start()
-    try:
-        encoded = await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=3))
-    finally:
-        await encoder.stop()
+    encoded = await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=3))
     assert (report["content_hash"], report["num_tokens"]) == (encoded.content_hash,
                                                              encoded.num_tokens)
     code, default = run([str(path), "--family", "internvl2"])
-    assert default["frames"] == config.video_frames
+    assert default["frames"] == encoder.config.video_frames
 
 
 def test_unreadable_input_is_an_error_not_a_traceback(tmp_path, capsys):

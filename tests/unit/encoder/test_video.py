@@ -78,43 +78,33 @@ def test_bytes_that_are_not_a_video_are_refused():
         sample_frames(b"definitely not a video", 4)
 
 
-async def test_the_encoder_returns_one_item_with_a_tile_per_frame(config):
+def expected_rows(encoder: Encoder, data: bytes, frames: int) -> torch.Tensor:
+    """The tower run directly on the video's sampled frames."""
+    pixels = frames_to_pixel_values(sample_frames(data, frames), encoder.preprocessor)
+    return encoder.tower.encode(pixels.pixel_values).reshape(-1, encoder.config.hidden_size)
+
+
+async def test_the_encoder_returns_one_item_with_a_tile_per_frame(encoder):
     data = make_video(20)
-    tower = DemoTower(hidden_size=config.hidden_size, dtype=torch.float32, seed=0)
-    encoder = Encoder(config, tower)
-    encoder.start()
-    try:
-        item = MediaItem(MediaRef(data=data, mime_type="video/mp4"), "video", num_frames=3)
-        (result,) = [r async for r in encoder.encode_all([item])]
-        with pytest.raises(InvalidRequest, match="num_frames 65 exceeds the limit of 64"):
-            await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=65))
-    finally:
-        await encoder.stop()
+    item = MediaItem(MediaRef(data=data, mime_type="video/mp4"), "video", num_frames=3)
+    (result,) = [r async for r in encoder.encode_all([item])]
+    with pytest.raises(InvalidRequest, match="num_frames 65 exceeds the limit of 64"):
+        await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=65))
     assert (result.num_tiles, result.num_tokens) == (3, 768)
-    frames = frames_to_pixel_values(sample_frames(data, 3), encoder.preprocessor)
-    expected = tower.encode(frames.pixel_values).reshape(-1, config.hidden_size)
-    torch.testing.assert_close(result.embeddings, expected)
+    torch.testing.assert_close(result.embeddings, expected_rows(encoder, data, 3))
 
 
-async def test_a_video_handle_is_sampled_again_from_the_stored_file(config):
+async def test_a_video_handle_is_sampled_again_from_the_stored_file(encoder):
     data = make_video(20)
-    tower = DemoTower(hidden_size=config.hidden_size, dtype=torch.float32, seed=0)
-    encoder = Encoder(config, tower)
-    encoder.start()
-    try:
-        first = await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=3))
-        handle = MediaRef(url=f"mm://sha256:{first.content_hash}")
-        same = await encoder.encode(MediaItem(handle, "video", num_frames=3))
-        more = await encoder.encode(MediaItem(handle, "video", num_frames=4))
-    finally:
-        await encoder.stop()
+    first = await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=3))
+    handle = MediaRef(url=f"mm://sha256:{first.content_hash}")
+    same = await encoder.encode(MediaItem(handle, "video", num_frames=3))
+    more = await encoder.encode(MediaItem(handle, "video", num_frames=4))
     assert (first.cached, same.cached, more.cached) == (False, True, False)
     assert same.content_hash == first.content_hash != more.content_hash
     torch.testing.assert_close(same.embeddings, first.embeddings, rtol=0, atol=0)
-    frames = frames_to_pixel_values(sample_frames(data, 4), encoder.preprocessor)
-    expected = tower.encode(frames.pixel_values).reshape(-1, config.hidden_size)
     assert more.num_tiles == 4
-    torch.testing.assert_close(more.embeddings, expected)
+    torch.testing.assert_close(more.embeddings, expected_rows(encoder, data, 4))
 
 
 async def test_families_without_video_refuse_it(config):
