@@ -11,7 +11,7 @@ import torch
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.model_runner import ModelRunner
-from llm_service.engine.models.llama import can_prepack
+from llm_service.engine.cpu_tuning import can_prepack
 from llm_service.engine.models.loader import load_model, read_spec
 from llm_service.engine.outputs import ScheduledSequence
 from llm_service.engine.protocol import EngineRequest
