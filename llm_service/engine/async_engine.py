@@ -1,42 +1,27 @@
 """TorchEngine: the paged torch engine behind the async EngineClient interface.
 
-The step loop (schedule -> execute -> update) runs in its own thread. Requests and aborts reach
-it through a thread-safe inbox; each step's outputs go back to the event loop in one
-call_soon_threadsafe and are routed to per-request asyncio queues.
+The step loop (`engine_core.EngineCore`) runs in a process of its own (the default) or in a
+thread (`EngineConfig.placement`). Requests and aborts reach it as messages; each step's
+outputs come back as one message, routed on the event loop to per-request asyncio queues.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
+from llm_service.engine.engine_core import (
+    Abort, Add, CoreProcess, CoreThread, Failed, FromCore, Outputs, Rejected, Started, Stop)
 from llm_service.engine.protocol import (
     EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason)
-from llm_service.engine.scheduler import Scheduler
 from llm_service.engine.validation import Limits, validate_request
 from llm_service.errors import EngineDead, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
-
-MAX_CONSECUTIVE_STEP_FAILURES = 3  # then the engine is considered broken, not the requests
-_STOP = object()
-
-
-def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is None:
-        future.set_result(None)
-    else:
-        future.set_exception(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,60 +49,38 @@ class TorchEngine(EngineClient):
         self.hidden_size = 0  # set by start() from the checkpoint
         self.vocab_size = 0
         self.max_model_len = 0
-        self._runner = None
-        self._scheduler: Scheduler | None = None
+        self._core: CoreProcess | CoreThread | None = None
         self._limits: Limits | None = None
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._started: asyncio.Future | None = None
         self._dead: str | None = None
         self._stats = EngineStats(block_size=config.block_size)
-        self._step_ms = 0.0
-        self._failures = 0
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        ready = self._loop.create_future()
-        # The model loads in the engine thread itself: every torch op then runs in that one
-        # thread, so one OpenMP pool serves them (each extra pool makes all pools sleep
-        # between parallel regions instead of spinning).
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="torch-engine",
-                                        daemon=True)
-        self._thread.start()
+        self._started = self._loop.create_future()
+        placement = CoreProcess if self.config.placement == "process" else CoreThread
+        self._core = placement(self.config, self._from_core)
         try:
-            await ready
+            info: Started = await self._started
         except Exception as exc:
             self._dead = f"the engine failed to start: {exc}"
             raise
-        runner, cfg = self._runner, self.config
-        self.hidden_size = runner.spec.hidden_size
-        self.vocab_size = runner.spec.vocab_size
-        self.max_model_len = runner.max_model_len
+        self.hidden_size, self.vocab_size = info.hidden_size, info.vocab_size
+        self.max_model_len = info.max_model_len
         self._limits = Limits(self.max_model_len, self.vocab_size, self.hidden_size,
-                              cfg.max_num_seqs)
-        log.info("torch engine started: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
-                 runner.spec.family, runner.device, runner.dtype, runner.num_blocks,
-                 cfg.block_size, self.max_model_len)
-
-    def _build(self) -> None:
-        from llm_service.engine.model_runner import ModelRunner  # torch loads with the model
-
-        cfg = self.config
-        runner = ModelRunner(cfg)
-        self._scheduler = Scheduler(
-            BlockManager(runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching),
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=runner.max_model_len, max_waiting=cfg.max_waiting,
-            scheduling=cfg.scheduling)
-        self._runner = runner
-        self._publish_stats()
+                              self.config.max_num_seqs)
+        log.info("torch engine started (%s): %s on %s/%s, %d KV blocks of %d tokens, "
+                 "max_model_len %d", self.config.placement, info.family, info.device, info.dtype,
+                 info.num_blocks, info.block_size, self.max_model_len)
 
     async def shutdown(self) -> None:
-        if self._thread is None:
+        if self._core is None:
             return
-        self._inbox.put(_STOP)
-        await asyncio.to_thread(self._thread.join)
+        if self._core.alive:
+            self._core.send(Stop())
+        await asyncio.to_thread(self._core.join, 30)
         self._dead = self._dead or "the engine is shut down"
         self._fail_all(self._dead)
 
@@ -125,14 +88,15 @@ class TorchEngine(EngineClient):
         return self._generate(request)
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        if self._core is not None:
+            self._core.send(Abort(request_id))
 
     def stats(self) -> EngineStats:
-        return replace(self._stats)
+        return self._stats
 
     @property
     def healthy(self) -> bool:
-        return self._dead is None and self._thread is not None and self._thread.is_alive()
+        return self._dead is None and self._core is not None and self._core.alive
 
     async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._dead is not None or self._limits is None:
@@ -143,7 +107,7 @@ class TorchEngine(EngineClient):
             raise InvalidRequest(f"request id {rid!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = stream
-        self._inbox.put(("add", request))
+        self._core.send(Add(request))
         unfinished = set(range(request.sampling.n))
         try:
             while unfinished:
@@ -164,103 +128,43 @@ class TorchEngine(EngineClient):
             if self._streams.get(rid) is stream:
                 del self._streams[rid]
             if unfinished:  # the caller stopped listening: free what the request holds
-                self._inbox.put(("abort", rid))
+                self._core.send(Abort(rid))
 
-    # --- event-loop side of the hand-over -------------------------------------------------
+    # --- messages from the core, on whichever thread receives them ----------------------------
 
-    def _deliver(self, items: dict[str, object]) -> None:
-        for rid, item in items.items():
-            stream = self._streams.get(rid)
+    def _from_core(self, message: FromCore) -> None:
+        self._loop.call_soon_threadsafe(self._handle, message)
+
+    def _handle(self, message: FromCore) -> None:
+        if isinstance(message, Outputs):
+            self._stats = message.stats  # whoever sees these outputs sees the state behind them
+            grouped: dict[str, list[EngineOutput]] = defaultdict(list)
+            for out in message.outputs:
+                grouped[out.request_id].append(out)
+            for rid, outputs in grouped.items():
+                stream = self._streams.get(rid)
+                if stream is not None:
+                    stream.put_nowait(outputs)
+        elif isinstance(message, Rejected):
+            stream = self._streams.get(message.request_id)
             if stream is not None:
-                stream.put_nowait(item)
+                stream.put_nowait(Overloaded(message.message))
+        elif isinstance(message, Started):
+            self._started.set_result(message)
+        elif isinstance(message, Failed):
+            if message.at_start:
+                self._started.set_exception(_start_error(message))
+                return
+            log.error("torch engine died: %s", message.message)
+            self._dead = message.message
+            self._fail_all(message.message)
 
     def _fail_all(self, message: str) -> None:
         for stream in self._streams.values():
             stream.put_nowait(_Failed(message))
 
-    def _send(self, outputs: list[EngineOutput]) -> None:
-        if not outputs:
-            return
-        self._publish_stats()  # whoever sees these outputs sees the state that produced them
-        grouped: dict[str, list[EngineOutput]] = defaultdict(list)
-        for out in outputs:
-            grouped[out.request_id].append(out)
-        self._loop.call_soon_threadsafe(self._deliver, grouped)
 
-    # --- engine thread ----------------------------------------------------------------------
-
-    def _run(self, ready: asyncio.Future) -> None:
-        try:
-            self._build()
-        except BaseException as exc:
-            self._loop.call_soon_threadsafe(_settle, ready, exc)
-            return
-        self._loop.call_soon_threadsafe(_settle, ready, None)
-        try:
-            while self._drain(block=not self._scheduler.has_work):
-                if self._scheduler.has_work:
-                    self._step()
-                self._publish_stats()
-            for rid in list(self._scheduler.requests):
-                self._send(self._scheduler.abort(rid))
-            self._publish_stats()
-        except BaseException as exc:  # the engine's state can no longer be trusted
-            log.exception("torch engine died")
-            self._dead = f"engine failure: {type(exc).__name__}: {exc}"
-            self._loop.call_soon_threadsafe(self._fail_all, self._dead)
-
-    def _drain(self, block: bool) -> bool:
-        """Applies queued adds and aborts; False once shutdown was asked for."""
-        items = [self._inbox.get()] if block else []
-        while True:
-            try:
-                items.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        for item in items:
-            if item is _STOP:
-                return False
-            kind, payload = item
-            if kind == "add":
-                try:
-                    self._scheduler.add(payload)
-                except Overloaded as exc:
-                    self._loop.call_soon_threadsafe(self._deliver, {payload.request_id: exc})
-            else:
-                self._send(self._scheduler.abort(payload))
-        return True
-
-    def _step(self) -> None:
-        step = self._scheduler.schedule()
-        if step.is_empty:
-            return
-        started = time.perf_counter()
-        try:
-            result = self._runner.execute(step)
-        except Exception as exc:
-            self._failures += 1
-            if self._failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                raise
-            log.exception("engine step failed; failing its %d requests", len(step.scheduled))
-            message = f"engine step failed: {type(exc).__name__}: {exc}"
-            for rid in dict.fromkeys(s.seq.request_id for s in step.scheduled):
-                self._send(self._scheduler.abort(rid, error=message))
-            return
-        self._failures = 0
-        self._send(self._scheduler.update(step, result))
-        elapsed = (time.perf_counter() - started) * 1e3
-        self._step_ms = elapsed if not self._step_ms else 0.9 * self._step_ms + 0.1 * elapsed
-
-    def _publish_stats(self) -> None:
-        sched = self._scheduler
-        bm = sched.block_manager
-        self._stats = EngineStats(
-            kv_blocks_total=bm.num_blocks,
-            kv_blocks_used=bm.num_used_blocks,
-            kv_blocks_cached=bm.num_cached_free,
-            block_size=bm.block_size,
-            prefix_hit_rate=sched.prefix_hit_rate,
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-            step_time_ms=self._step_ms,  # moving average over recent steps
-        )
+def _start_error(failed: Failed) -> Exception:
+    """A start-up failure as the exception type callers handle (bad paths, bad values)."""
+    kind = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(failed.kind)
+    return kind(failed.message) if kind else RuntimeError(f"{failed.kind}: {failed.message}")

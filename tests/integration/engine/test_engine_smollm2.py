@@ -47,7 +47,7 @@ async def test_concurrent_requests_match_transformers(smollm2, cases, config):
         for case, (tokens, _) in zip(cases, results):
             assert tokens == case.expected
         if config == "preemption":
-            assert engine._scheduler.num_preemptions > 0
+            assert engine.stats().num_preemptions > 0
         stats = engine.stats()
         assert (stats.kv_blocks_used, stats.running, stats.waiting) == (0, 0, 0)
     finally:
