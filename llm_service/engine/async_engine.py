@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.engine_core import (
@@ -111,16 +111,23 @@ class TorchEngine(EngineClient):
         unfinished = set(range(request.sampling.n))
         try:
             while unfinished:
+                # Everything that arrived while the caller was busy goes out merged, one
+                # output per choice: a stream that falls behind catches up in fewer messages.
+                outputs: list[EngineOutput] = []
                 item = await stream.get()
-                if isinstance(item, Exception):
-                    unfinished.clear()
-                    raise item
-                if isinstance(item, _Failed):
-                    outputs = [EngineOutput(rid, i, [], FinishReason.ABORT, error=item.message)
-                               for i in sorted(unfinished)]
-                else:
-                    outputs = item
-                for out in outputs:
+                while True:
+                    if isinstance(item, Exception):
+                        unfinished.clear()
+                        raise item
+                    if isinstance(item, _Failed):
+                        outputs += [EngineOutput(rid, i, [], FinishReason.ABORT,
+                                                 error=item.message) for i in sorted(unfinished)]
+                        break
+                    outputs += item
+                    if stream.empty():
+                        break
+                    item = stream.get_nowait()
+                for out in merge_outputs(outputs):
                     if out.finished:
                         unfinished.discard(out.index)
                     yield out
@@ -162,6 +169,22 @@ class TorchEngine(EngineClient):
     def _fail_all(self, message: str) -> None:
         for stream in self._streams.values():
             stream.put_nowait(_Failed(message))
+
+
+def merge_outputs(outputs: list[EngineOutput]) -> list[EngineOutput]:
+    """Consecutive outputs of each choice as one: their tokens and logprobs in order, the
+    counts and finish reason of the last."""
+    if len(outputs) < 2:
+        return outputs
+    merged: dict[int, EngineOutput] = {}
+    for out in outputs:
+        before = merged.get(out.index)
+        if before is None:
+            merged[out.index] = out
+            continue
+        merged[out.index] = replace(out, new_token_ids=before.new_token_ids + out.new_token_ids,
+                                    logprobs=before.logprobs + out.logprobs)
+    return list(merged.values())
 
 
 def _start_error(failed: Failed) -> Exception:

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from llm_service.engine.async_engine import TorchEngine
+from llm_service.engine.async_engine import TorchEngine, merge_outputs
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.protocol import (
     EmbeddingSpan, EngineOutput, EngineRequest, FinishReason, SamplingParams)
@@ -423,3 +423,26 @@ async def test_in_its_own_process_a_bad_checkpoint_fails_start(tmp_path):
         await engine.start()
     assert not engine.healthy
     await engine.shutdown()
+
+
+def test_merged_outputs_keep_each_choice_in_order():
+    out = lambda index, token, finish=None, n=1: EngineOutput(  # noqa: E731
+        "r", index, [token], finish, num_output_tokens=n)
+    merged = merge_outputs([out(0, 5, n=1), out(1, 7, n=1), out(0, 6, n=2),
+                            out(1, 8, FinishReason.STOP, n=2)])
+    assert [(m.index, m.new_token_ids, m.finish_reason, m.num_output_tokens) for m in merged] == [
+        (0, [5, 6], None, 2), (1, [7, 8], FinishReason.STOP, 2)]
+
+
+async def test_a_reader_that_falls_behind_gets_the_same_tokens_in_fewer_outputs(make_engine):
+    engine = await make_engine(placement="process")
+    p = prompt(12, 6)
+    sampling = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompt_only = tokens(await collect(engine, EngineRequest("fast", p, sampling)))
+    slow = []
+    async for out in engine.generate(EngineRequest("slow", p, sampling)):
+        slow.append(out)
+        await asyncio.sleep(0.05)  # a congested client: the engine runs ahead
+    assert tokens(slow) == prompt_only
+    assert len(slow) < 40 and max(len(o.new_token_ids) for o in slow) > 1
+    assert slow[-1].num_output_tokens == 40 and slow[-1].finish_reason == FinishReason.LENGTH
