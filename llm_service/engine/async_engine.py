@@ -49,6 +49,7 @@ class TorchEngine(EngineClient):
         self.hidden_size = 0  # set by start() from the checkpoint
         self.vocab_size = 0
         self.max_model_len = 0
+        self.dtype = ""  # the dtype the model runs in, e.g. "float32"
         self._core: CoreProcess | CoreThread | None = None
         self._limits: Limits | None = None
         self._streams: dict[str, asyncio.Queue] = {}
@@ -68,7 +69,7 @@ class TorchEngine(EngineClient):
             self._dead = f"the engine failed to start: {exc}"
             raise
         self.hidden_size, self.vocab_size = info.hidden_size, info.vocab_size
-        self.max_model_len = info.max_model_len
+        self.max_model_len, self.dtype = info.max_model_len, info.dtype
         self._limits = Limits(self.max_model_len, self.vocab_size, self.hidden_size,
                               self.config.max_num_seqs)
         log.info("torch engine started (%s): %s on %s/%s, %d KV blocks of %d tokens, "
