@@ -5,7 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MMSERVE_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: run test stubs venv clean
+# transformers 4.57, the line NVIDIA's TensorRT-LLM 1.2 container pins, beside the venv's 5.x:
+# the unit tests of everything that drives transformers run under it too. Installed once into
+# the cache without dependencies (the venv has them); the directory name carries the pins.
+TF4_PKGS := transformers==4.57.3 tokenizers==0.22.2 huggingface-hub==0.36.2
+TF4_DIR := $(MMSERVE_CACHE_DIR)/transformers-4.57.3-tokenizers-0.22.2-hub-0.36.2
+TF4_TESTS := tests/unit/encoder tests/unit/engine tests/unit/llm tests/unit/trtllm
+
+.PHONY: run test test-transformers4 stubs venv clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +34,15 @@ run: stubs
 
 test: stubs
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-transformers4
+
+$(TF4_DIR)/.installed:
+	rm -rf $(TF4_DIR)
+	$(PY) -m pip install -q --no-deps --no-compile --target $(TF4_DIR) $(TF4_PKGS)
+	touch $@
+
+test-transformers4: stubs $(TF4_DIR)/.installed
+	PYTHONPATH=$(TF4_DIR) $(PY) -m pytest -q -p no:cacheprovider $(TF4_TESTS)
 
 clean:
 	rm -rf $(VENV) .cache protos/*_pb2*.py protos/*_pb2*.pyi
