@@ -237,7 +237,8 @@ WHISPER = dict(n_mels=16, n_ctx=1500, n_state=32, n_head=4, n_layer=2,
 
 
 def build_megrez(directory: Path) -> Path:
-    from transformers import Idefics2VisionConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
     from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
     directory.mkdir(parents=True, exist_ok=True)

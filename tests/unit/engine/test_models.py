@@ -20,11 +20,14 @@ from llm_service.engine.sequence import Sequence
 from tiny_checkpoints import VOCAB, save_checkpoint
 
 ATOL = 1e-4
-LONGROPE = {"original_max_position_embeddings": 64, "rope_parameters": {
-    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-    "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.5, 2.0, 3.0, 4.0]}}
-LLAMA3 = {"rope_parameters": {
-    "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+# Hub checkpoints' form (`rope_theta` + `rope_scaling`), which transformers 4.57 and 5.x both
+# take; 5.x saves it back as `rope_parameters`, so the engine reads both forms across the two.
+LONGROPE = {"original_max_position_embeddings": 64, "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5, "rope_scaling": {
+                "type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.2],
+                "long_factor": [1.5, 2.0, 3.0, 4.0]}}
+LLAMA3 = {"rope_theta": 50000.0, "rope_scaling": {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
 
 CASES = {
