@@ -23,9 +23,10 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_attention.cpp", CSRC / "layer_ops.cpp")
+SOURCES = (CSRC / "paged_attention.cpp", CSRC / "layer_ops.cpp", CSRC / "skinny_linear.cpp")
 HEADERS = (CSRC / "cpu_math.h",)
-OPS = ("paged_decode", "rms_norm", "add_rms_norm", "rope_and_cache", "silu_and_mul")
+OPS = ("paged_decode", "rms_norm", "add_rms_norm", "rope_and_cache", "silu_and_mul",
+       "skinny_linear")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
 _lock = threading.Lock()
 _loaded: bool | None = None

@@ -72,12 +72,16 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.requires_grad_(False)
         self.packed: torch.Tensor | None = None
+        self.skinny_rows = 0  # steps of up to this many rows run mmserve::skinny_linear
 
-    def prepack(self, batch_hint: int) -> None:
+    def prepack(self, batch_hint: int, keep_dense: bool = False) -> None:
         self.packed = pack_weight(self.weight, batch_hint)
-        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        if not keep_dense:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.skinny_rows:
+            return torch.ops.mmserve.skinny_linear(x, self.weight, self.bias)
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
         if x.is_cuda:
@@ -159,17 +163,23 @@ class DecoderLM(nn.Module):
         self.rotary: RotaryEmbedding | None = None
         self.packed_lm_head: torch.Tensor | None = None
         self.fused = False
+        self.skinny_rows = 0
 
     def setup_rotary(self, max_len: int) -> None:
         weight = self.embed.weight
         self.rotary = RotaryEmbedding(self.spec.rope, max_len, weight.device, weight.dtype)
 
-    def use_cpu_kernels(self, enabled: bool = True) -> None:
+    def use_cpu_kernels(self, enabled: bool = True, skinny_rows: int = 0) -> None:
         """Runs norms, rope, the cache writes and silu-and-mul as the fused CPU kernels
-        (`cpu_kernels.load()` must have succeeded)."""
+        (`cpu_kernels.load()` must have succeeded); with `skinny_rows`, projections that kept
+        their dense weight run steps of up to that many rows on mmserve::skinny_linear."""
         self.fused = enabled
         for layer in self.layers:
             layer.fused = enabled
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.skinny_rows = skinny_rows if enabled and module.weight.numel() else 0
+        self.skinny_rows = skinny_rows if enabled else 0
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -183,20 +193,26 @@ class DecoderLM(nn.Module):
             h = layer(h, embeds, rope, kv_cache.layer(i), meta)
         return embeds.add_(h) if h is not None else embeds
 
-    def prepack(self, batch_hint: int) -> None:
+    def prepack(self, batch_hint: int, keep_dense: bool = False) -> None:
         """CPU: every projection and the lm_head move to oneDNN's packed layout (see Linear).
-        A tied lm_head gets a packed copy; the embedding table stays for lookups."""
+        A tied lm_head gets a packed copy; the embedding table stays for lookups.
+        `keep_dense`: the dense weights stay too, for the skinny kernel."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepack(batch_hint)
+                module.prepack(batch_hint, keep_dense)
         if self.lm_head is None:
             self.packed_lm_head = pack_weight(self.embed.weight, batch_hint)
         else:
             self.packed_lm_head = pack_weight(self.lm_head, batch_hint)
-            self.lm_head = nn.Parameter(self.lm_head.new_empty(0), requires_grad=False)
+            if not keep_dense:
+                self.lm_head = nn.Parameter(self.lm_head.new_empty(0), requires_grad=False)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm(hidden.contiguous(), None, self.fused)
+        if hidden.shape[0] <= self.skinny_rows:
+            weight = self.embed.weight if self.lm_head is None else self.lm_head
+            if weight.numel():
+                return torch.ops.mmserve.skinny_linear(hidden, weight, None)
         if self.packed_lm_head is not None:
             return packed_linear(hidden, self.packed_lm_head, None)
         weight = self.embed.weight if self.lm_head is None else self.lm_head

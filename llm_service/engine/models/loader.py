@@ -102,7 +102,8 @@ def llm_weight_name(name: str) -> str:
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
-               max_len: int | None = None, prepack: int | None = None) -> DecoderLM:
+               max_len: int | None = None, prepack: int | None = None,
+               keep_dense: bool = False) -> DecoderLM:
     """Builds the model on `device` in `dtype`; rope tables cover `max_len` positions.
     `prepack`: on CPU, move the projections to oneDNN's packed layout, tuned for steps of
     about this many rows (the packed matmul is much faster; see llama.Linear)."""
@@ -140,7 +141,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
                          f"e.g. {missing[:3]}")
     model.setup_rotary(max_len or spec.max_position_embeddings)
     if prepack and can_prepack(device, dtype):
-        model.prepack(prepack)
+        model.prepack(prepack, keep_dense)
     return model.eval()
 
 

@@ -142,6 +142,24 @@ def test_silu_and_mul_matches_plain_torch(dtype):
                                **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 8])
+@pytest.mark.parametrize("in_features", [64, 50])  # the vector path; the plain loop
+def test_skinny_linear_matches_torch(dtype, rows, in_features):
+    g = torch.Generator().manual_seed(rows * 7 + in_features)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    weight = torch.randn(301, in_features, generator=g).to(dtype)
+    bias = torch.randn(301, generator=g).to(dtype)
+    for b in (None, bias):
+        got = torch.ops.mmserve.skinny_linear(x, weight, b)
+        expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        # bf16: the kernel rounds once at the end, like a bf16 matmul
+        torch.testing.assert_close(got.float(), expected, **(
+            TOL[dtype] if dtype == torch.float32 else dict(atol=0.1, rtol=1e-2)))
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        torch.ops.mmserve.skinny_linear(torch.zeros(9, in_features, dtype=dtype), weight, None)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 def test_a_model_on_the_kernels_gives_the_plain_torch_logits(tmp_path, family):
     from test_models import engine_logits, make_runner
@@ -149,10 +167,12 @@ def test_a_model_on_the_kernels_gives_the_plain_torch_logits(tmp_path, family):
     save_checkpoint(tmp_path, family, seed=7)
     runner = make_runner(tmp_path)
     assert runner.kernels and runner.model.fused and runner.model.layers[0].fused
+    assert runner.model.layers[0].qkv.skinny_rows == 4 and runner.model.skinny_rows == 4
     tokens = torch.randint(0, VOCAB, (33,), generator=torch.Generator().manual_seed(4)).tolist()
     chunks = [20, 1, 1, 11]  # a prefill, decodes over the paged cache, a chunk over it
     with_kernels = engine_logits(runner, tokens, chunks)
     runner.model.use_cpu_kernels(False)
     runner.kernels = False
+    assert runner.model.layers[0].qkv.skinny_rows == 0
     plain = engine_logits(runner, tokens, chunks)
     torch.testing.assert_close(with_kernels, plain, atol=1e-4, rtol=0)

@@ -117,7 +117,7 @@ def test_a_mixed_batch_matches_each_sequence_alone(tmp_path):
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])  # tied lm_head and qkv bias; untied
 def test_cpu_runs_prepacked_projections_and_the_dense_path_agrees(tmp_path, family):
     reference = save_checkpoint(tmp_path, family, seed=4)
-    runner = make_runner(tmp_path)
+    runner = make_runner(tmp_path, small_batch_linear=False)
     model = runner.model
     assert all(layer.qkv.packed is not None and layer.down.packed is not None
                for layer in model.layers)
