@@ -20,7 +20,11 @@ from encoder_service.config import FAMILIES, EncoderConfig
 from encoder_service.errors import EncoderError, InvalidMedia
 from encoder_service.families import build_preprocessor
 from encoder_service.media import decode_image
-from encoder_service.video import frames_content_hash, has_video_stream, sample_frames
+from encoder_service.encoder import VIDEO_KEY
+from encoder_service.families import Preprocessor
+from encoder_service.families.imaging import content_hash
+from encoder_service.video import has_video_stream, sample_frames
+from mmserve.wire.media import Modality, handle_for
 
 
 def describe(path: str, family: str, max_tiles: int | None = None,
@@ -37,9 +41,9 @@ def describe(path: str, family: str, max_tiles: int | None = None,
         media = decode_image(data, config.max_image_pixels)
         facts.update(modality="image", size=[media.width, media.height])
     except InvalidMedia:
-        if getattr(preprocessor, "samples_video", False) and has_video_stream(data):
+        if preprocessor.samples_video and has_video_stream(data):
             return {**facts, **_describe_video(data, preprocessor, config)}
-        if "audio" not in preprocessor.modalities:
+        if Modality.AUDIO not in preprocessor.modalities:
             raise
         # Families that take audio decode it themselves (16 kHz samples for Whisper).
         media = preprocessor.decode_audio(data)
@@ -48,14 +52,16 @@ def describe(path: str, family: str, max_tiles: int | None = None,
     return {**facts, "max_tiles": config.max_tiles, **plan.to_dict()}
 
 
-def _describe_video(data: bytes, preprocessor, config: EncoderConfig) -> dict[str, Any]:
-    """A video becomes `video_frames` frames of one tile each (see video.py)."""
+def _describe_video(data: bytes, preprocessor: Preprocessor,
+                    config: EncoderConfig) -> dict[str, Any]:
+    """A video becomes `video_frames` frames of one tile each, each an item with its own
+    content hash (see encoder.py)."""
     picked = sample_frames(data, config.video_frames, config.max_image_pixels)
     rows = len(picked) * preprocessor.tokens_per_tile
     return {"modality": "video", "size": list(picked[0].size), "family": config.family,
             "grid": None, "num_tiles": len(picked), "num_tokens": rows,
-            "content_hash": frames_content_hash(picked, preprocessor),
-            "frames": len(picked)}
+            "content_hashes": [preprocessor.content_hash(frame, 1) for frame in picked],
+            "handle": handle_for(content_hash(VIDEO_KEY, data)), "frames": len(picked)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mmserve.rpc.tls import TlsFiles
+
 ENGINE_KINDS = ("torch", "trtllm")
 # auto: offer the encoder same-host transfer through shm_dir when it is a writable directory.
 EMBEDDING_TRANSPORTS = ("auto", "inband")
@@ -53,16 +55,19 @@ class LLMConfig:
             raise ValueError(f"max_media_items must be >= 0, got {self.max_media_items}")
         if self.encoder_wait_s < 0:
             raise ValueError(f"encoder_wait_s must be >= 0, got {self.encoder_wait_s}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
-        if self.tls_ca is not None and self.tls_cert is None:
-            raise ValueError(f"tls_ca {self.tls_ca} (client certificates) needs tls_cert and "
-                             "tls_key")
-        if (self.encoder_tls_cert is None) != (self.encoder_tls_key is None):
-            raise ValueError("encoder_tls_cert and encoder_tls_key must be given together")
-        if self.encoder_tls_cert is not None and self.encoder_tls_ca is None:
-            raise ValueError("encoder_tls_cert needs encoder_tls_ca, the CA of the encoder's "
-                             "server certificate")
+        problems = (self.server_tls.problems("tls_", server=True)
+                    + self.encoder_tls.problems("encoder_tls_", server=False))
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def server_tls(self) -> TlsFiles:
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca)
+
+    @property
+    def encoder_tls(self) -> TlsFiles:
+        """The encoder channel: TLS when a CA is given, plus a client certificate for mTLS."""
+        return TlsFiles(self.encoder_tls_cert, self.encoder_tls_key, self.encoder_tls_ca)
 
     @classmethod
     def from_sources(cls, sections: dict[str, dict[str, Any]], args: argparse.Namespace) -> LLMConfig:

@@ -18,8 +18,8 @@ from torch import nn
 
 from encoder_service.config import EncoderConfig
 from encoder_service.towers.base import ModuleTower
-from encoder_service.towers.checkpoint import load_state_dict, read_config
-from encoder_service.wire import torch_dtype
+from encoder_service.checkpoint import load_state_dict, read_config
+from mmserve.wire.chunks import torch_dtype
 
 PREFIX = "transformer.visual."
 EPS = 1e-6  # every LayerNorm of the visual tower

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
-from encoder_service.audio import AudioFeatures
+from encoder_service.families.audio import AudioFeatures
 
 # OpenAI Whisper block names -> transformers WhisperEncoderLayer names.
 BLOCK_NAMES = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",

@@ -1,8 +1,9 @@
 """TorchEngine: the paged torch engine behind the async EngineClient interface.
 
-The step loop (schedule -> execute -> update) runs in its own thread. Requests and aborts reach
-it through a thread-safe inbox; each step's outputs go back to the event loop in one
-call_soon_threadsafe and are routed to per-request asyncio queues.
+The step loop (schedule -> execute -> update) runs in its own thread. Requests, aborts and
+finished choices reach it as typed messages through a thread-safe inbox; each step's outputs
+go back to the event loop in one call_soon_threadsafe and are routed to per-request asyncio
+queues.
 """
 
 from __future__ import annotations
@@ -15,19 +16,46 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
 from llm_service.engine.protocol import (
     EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason)
 from llm_service.engine.scheduler import Scheduler
 from llm_service.engine.validation import Limits, validate_request
-from llm_service.errors import EngineDead, InvalidRequest, Overloaded
+
+if TYPE_CHECKING:
+    from llm_service.engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3  # then the engine is considered broken, not the requests
-_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Add:
+    request: EngineRequest
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    request_id: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Shutdown:
+    pass
+
+
+_Message = _Add | _Abort | _Finish | _Shutdown
 
 
 def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
@@ -46,6 +74,9 @@ class _Failed:
     message: str
 
 
+_StreamItem = list[EngineOutput] | _Failed | Exception
+
+
 class TorchEngine(EngineClient):
     """Paged-KV, continuously batching engine for Llama-family checkpoints, on CPU or CUDA.
 
@@ -56,19 +87,16 @@ class TorchEngine(EngineClient):
         await engine.shutdown()
 
     Use it from the event loop that started it. `hidden_size`, `vocab_size` and
-    `max_model_len` are set once start() returns.
+    `max_model_len` are known once start() returns (0 before).
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.hidden_size = 0  # set by start() from the checkpoint
-        self.vocab_size = 0
-        self.max_model_len = 0
-        self._runner = None
+        self._runner: ModelRunner | None = None
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[_StreamItem]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: str | None = None
@@ -91,14 +119,24 @@ class TorchEngine(EngineClient):
             self._dead = f"the engine failed to start: {exc}"
             raise
         runner, cfg = self._runner, self.config
-        self.hidden_size = runner.spec.hidden_size
-        self.vocab_size = runner.spec.vocab_size
-        self.max_model_len = runner.max_model_len
-        self._limits = Limits(self.max_model_len, self.vocab_size, self.hidden_size,
-                              cfg.max_num_seqs)
+        assert runner is not None  # built by the engine thread before `ready`
+        self._limits = Limits(runner.max_model_len, runner.spec.vocab_size,
+                              runner.spec.hidden_size, cfg.max_num_seqs)
         log.info("torch engine started: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  runner.spec.family, runner.device, runner.dtype, runner.num_blocks,
                  cfg.block_size, self.max_model_len)
+
+    @property
+    def hidden_size(self) -> int:
+        return self._limits.hidden_size if self._limits else 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self._limits.vocab_size if self._limits else 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self._limits.max_model_len if self._limits else 0
 
     def _build(self) -> None:
         from llm_service.engine.model_runner import ModelRunner  # torch loads with the model
@@ -116,7 +154,7 @@ class TorchEngine(EngineClient):
     async def shutdown(self) -> None:
         if self._thread is None:
             return
-        self._inbox.put(_STOP)
+        self._inbox.put(_Shutdown())
         await asyncio.to_thread(self._thread.join)
         self._dead = self._dead or "the engine is shut down"
         self._fail_all(self._dead)
@@ -125,7 +163,10 @@ class TorchEngine(EngineClient):
         return self._generate(request)
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(_Abort(request_id))
+
+    async def finish(self, request_id: str, index: int) -> None:
+        self._inbox.put(_Finish(request_id, index))
 
     def stats(self) -> EngineStats:
         return replace(self._stats)
@@ -141,9 +182,9 @@ class TorchEngine(EngineClient):
         rid = request.request_id
         if rid in self._streams:
             raise InvalidRequest(f"request id {rid!r} is already in use")
-        stream: asyncio.Queue = asyncio.Queue()
+        stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
         self._streams[rid] = stream
-        self._inbox.put(("add", request))
+        self._inbox.put(_Add(request))
         unfinished = set(range(request.sampling.n))
         try:
             while unfinished:
@@ -164,11 +205,11 @@ class TorchEngine(EngineClient):
             if self._streams.get(rid) is stream:
                 del self._streams[rid]
             if unfinished:  # the caller stopped listening: free what the request holds
-                self._inbox.put(("abort", rid))
+                self._inbox.put(_Abort(rid))
 
     # --- event-loop side of the hand-over -------------------------------------------------
 
-    def _deliver(self, items: dict[str, object]) -> None:
+    def _deliver(self, items: dict[str, _StreamItem]) -> None:
         for rid, item in items.items():
             stream = self._streams.get(rid)
             if stream is not None:
@@ -185,7 +226,8 @@ class TorchEngine(EngineClient):
         grouped: dict[str, list[EngineOutput]] = defaultdict(list)
         for out in outputs:
             grouped[out.request_id].append(out)
-        self._loop.call_soon_threadsafe(self._deliver, grouped)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, dict(grouped))
 
     # --- engine thread ----------------------------------------------------------------------
 
@@ -218,16 +260,18 @@ class TorchEngine(EngineClient):
             except queue.Empty:
                 break
         for item in items:
-            if item is _STOP:
+            if isinstance(item, _Shutdown):
                 return False
-            kind, payload = item
-            if kind == "add":
+            if isinstance(item, _Add):
                 try:
-                    self._scheduler.add(payload)
+                    self._scheduler.add(item.request)
                 except Overloaded as exc:
-                    self._loop.call_soon_threadsafe(self._deliver, {payload.request_id: exc})
+                    self._loop.call_soon_threadsafe(self._deliver,
+                                                    {item.request.request_id: exc})
+            elif isinstance(item, _Abort):
+                self._send(self._scheduler.abort(item.request_id))
             else:
-                self._send(self._scheduler.abort(payload))
+                self._send(self._scheduler.finish(item.request_id, item.index))
         return True
 
     def _step(self) -> None:

@@ -27,7 +27,7 @@ from llm_service.engine.trtllm.pump import ResponsePump
 from llm_service.engine.trtllm.requests import build_request, supports_perf_metrics
 from llm_service.engine.trtllm.stats import to_engine_stats
 from llm_service.engine.trtllm.stream import RequestStream, finish_reason_map
-from llm_service.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,13 @@ class TrtllmEngine(EngineClient):
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
+            self._cancel(stream)
+
+    async def finish(self, request_id: str, index: int) -> None:
+        # The executor cancels whole requests only: the choice's stream ends now, and its KV
+        # blocks are freed with the request's, at once when it was the last open choice.
+        stream = self._streams.get(request_id)
+        if stream is not None and stream.finish(index):
             self._cancel(stream)
 
     def _submit(self, request: EngineRequest) -> RequestStream:

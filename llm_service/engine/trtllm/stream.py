@@ -73,6 +73,16 @@ class RequestStream:
             reused = min(kv.num_reused_blocks * self.tokens_per_block, self.prompt_len)
             self.cached_tokens = max(self.cached_tokens, reused)
 
+    def finish(self, index: int) -> bool:
+        """Ends choice `index` with STOP now (its caller matched a stop string); later
+        results for it are dropped. True once no choice is open."""
+        if index in self.open:
+            self.queue.put_nowait(self._output(index, [], FinishReason.STOP))
+            self.open.discard(index)
+            if not self.open:
+                self.queue.put_nowait(None)
+        return not self.open
+
     def close(self, reason: FinishReason, error: str | None = None) -> None:
         """Finishes every open choice with `reason` (and `error`) and ends the queue."""
         if not self.open:

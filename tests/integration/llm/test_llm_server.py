@@ -23,6 +23,8 @@ ANSWER = "北京是中国的首都。 The capital of France is Paris."
 class ScriptedEngine(EngineClient):
     """Streams a fixed answer one token per step; records requests and aborts."""
 
+    hidden_size, vocab_size, max_model_len = 576, 49152, 8192
+
     def __init__(self, tokenizer, delay: float = 0.0) -> None:
         self.answer_ids = tokenizer.encode(ANSWER, add_special_tokens=False)
         self.delay = delay
@@ -30,7 +32,6 @@ class ScriptedEngine(EngineClient):
         self.aborted: list[str] = []
         self.active: set[str] = set()
         self.refuse = False
-        self.hidden_size, self.vocab_size, self.max_model_len = 576, 49152, 8192
 
     async def start(self) -> None: ...
 
@@ -58,6 +59,8 @@ class ScriptedEngine(EngineClient):
                 self.active.discard(request.request_id)
                 self.aborted.append(request.request_id)
 
+    async def finish(self, request_id: str, index: int) -> None: ...
+
     async def abort(self, request_id: str) -> None:
         self.active.discard(request_id)
 
@@ -73,10 +76,10 @@ class ScriptedEngine(EngineClient):
 async def served(smollm2_tokenizer):
     engine = ScriptedEngine(smollm2_tokenizer)
     family = load_family("smollm2", smollm2_tokenizer)
-    generator = Generator(engine, smollm2_tokenizer, family, None, 576, 49152)
+    generator = Generator(engine, smollm2_tokenizer, family, None)
     servicer = LLMServicer(generator, engine, dict(model_id="m", family="smollm2"))
-    server, port, _ = build_server(servicer, "127.0.0.1:0")
-    await server.start()
+    server = build_server(servicer)
+    port = await server.start("127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield engine, llm_pb2_grpc.LLMStub(channel)
     await channel.close()

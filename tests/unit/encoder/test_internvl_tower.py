@@ -21,12 +21,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from encoder_service.config import EncoderConfig
-from encoder_service.encoder import Encoder, MediaItem
+from encoder_service.encoder import Encoder
 from encoder_service.families import build_preprocessor
 from encoder_service.families.internvl import IMAGENET_MEAN, IMAGENET_STD
-from encoder_service.media import MediaRef
 from encoder_service.towers import build_tower
 from encoder_service.towers.internvit import InternViTTower
+from mmserve.wire.media import MediaItem, MediaRef
 
 IMAGE, PATCH, LLM = 56, 14, 24
 
@@ -163,16 +163,16 @@ def test_output_dtype_follows_the_service_config(tmp_path):
 async def test_the_encoder_tiles_and_encodes_with_the_checkpoint_tower(tmp_path):
     write_checkpoint(tmp_path, VIT_300M)
     config = EncoderConfig(tower="torch", checkpoint=str(tmp_path), image_size=IMAGE, port=0)
-    assert config.hidden_size == LLM
+    assert config.hidden_size is None  # config holds values only: the width is the checkpoint's
     tower = build_tower(config)
-    assert isinstance(tower, InternViTTower)
+    assert isinstance(tower, InternViTTower) and tower.hidden_size == LLM
     encoder = Encoder(config, tower)
     encoder.start()
     try:
         buffer = io.BytesIO()
         Image.new("RGB", (120, 56), (90, 20, 200)).save(buffer, format="PNG")
         item = MediaItem(MediaRef(data=buffer.getvalue()))
-        (result,) = [r async for r in encoder.encode_all([item])]
+        (result,) = [r async for rs in encoder.encode_all([item]) for r in rs]
     finally:
         await encoder.stop()
     # 120x56 -> 2x1 grid + thumbnail = 3 tiles of 4 rows each.
@@ -181,9 +181,11 @@ async def test_the_encoder_tiles_and_encodes_with_the_checkpoint_tower(tmp_path)
 
 def test_a_hidden_size_that_differs_from_the_checkpoint_fails_fast(tmp_path):
     write_checkpoint(tmp_path, VIT_300M)
+    for shard in tmp_path.glob("*.safetensors"):
+        shard.unlink()  # fails before any weight is read
     with pytest.raises(ValueError, match=f"hidden_size 896 does not match the checkpoint's "
                                          f"LLM hidden size {LLM}"):
-        EncoderConfig(tower="torch", checkpoint=str(tmp_path), hidden_size=896)
+        build_tower(EncoderConfig(tower="torch", checkpoint=str(tmp_path), hidden_size=896))
 
 
 def test_a_tile_size_other_than_the_checkpoints_fails_at_load(tmp_path):

@@ -15,6 +15,7 @@ from transformers import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 from encoder_service.config import EncoderConfig
+from encoder_service.towers import checkpoint_hidden_size
 from encoder_service.families import build_preprocessor
 from encoder_service.families.megrez import MegrezPreprocessor, slice_image
 from encoder_service.towers.siglip import MegrezTower
@@ -140,7 +141,7 @@ def checkpoint(tmp_path_factory):
 
 def test_tower_matches_reference(checkpoint):
     config = EncoderConfig(port=0, family="megrez-omni", tower="torch", checkpoint=str(checkpoint))
-    assert config.hidden_size == HIDDEN
+    assert checkpoint_hidden_size(config.family, str(checkpoint)) == HIDDEN
     tower = MegrezTower(checkpoint, torch.float32)
     assert len(tower.vision.vpm.encoder.layers) == 2
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 600, 3), np.uint8))

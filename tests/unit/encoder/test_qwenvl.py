@@ -14,13 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from encoder_service.config import EncoderConfig
-from encoder_service.encoder import Encoder, MediaItem
-from encoder_service.media import MediaRef
+from encoder_service.encoder import Encoder
 from encoder_service.server import EncoderServicer, encoder_pb2
 from encoder_service.towers import build_tower
 from encoder_service.families import build_preprocessor
 from encoder_service.families.qwenvl import CLIP_MEAN, CLIP_STD
 from encoder_service.towers.qwenvl import QwenVLTower, sincos_pos_embed_2d
+from mmserve.wire.media import MediaItem, MediaRef
 
 IMAGE, PATCH, WIDTH, HEADS, LAYERS, OUT, QUERIES = 56, 14, 32, 4, 2, 256, 4
 VISUAL = dict(image_size=IMAGE, patch_size=PATCH, width=WIDTH, heads=HEADS, layers=LAYERS,
@@ -186,28 +186,38 @@ def test_tower_matches_the_original_maths(tmp_path):
     torch.testing.assert_close(out, reference_forward(sd, pixels), atol=1e-5, rtol=1e-5)
 
 
-def test_config_reads_the_width_from_the_checkpoint(tmp_path):
+def test_the_tower_takes_the_width_from_the_checkpoint(tmp_path):
     write_checkpoint(tmp_path)
-    config = EncoderConfig(family="qwen-vl-chat", tower="torch", checkpoint=str(tmp_path))
-    assert config.hidden_size == OUT
+    config = EncoderConfig(family="qwen-vl-chat", tower="torch", checkpoint=str(tmp_path),
+                           image_size=IMAGE)
+    assert build_tower(config).hidden_size == OUT
     with pytest.raises(ValueError, match=f"hidden_size 4096 does not match .* {OUT}"):
-        EncoderConfig(family="qwen-vl-chat", tower="torch", checkpoint=str(tmp_path),
-                      hidden_size=4096)
+        build_tower(EncoderConfig(family="qwen-vl-chat", tower="torch",
+                                  checkpoint=str(tmp_path), hidden_size=4096))
+
+
+class NoMetadata:
+    """The one part of a servicer context the handler reads."""
+
+    def invocation_metadata(self):
+        return ()
 
 
 async def test_the_encoder_serves_qwen_vl_from_the_family_and_checkpoint(tmp_path):
     write_checkpoint(tmp_path, queries=256, image_size=448)
     config = EncoderConfig(family="qwen-vl-chat", tower="torch", checkpoint=str(tmp_path), port=0)
-    info = await EncoderServicer(config).GetModelInfo(encoder_pb2.EncoderInfoRequest(), None)
-    assert (info.family, info.hidden_size, info.tokens_per_tile) == ("qwen-vl-chat", OUT, 256)
     encoder = Encoder(config, build_tower(config))
+    servicer = EncoderServicer(config, encoder.preprocessor)
+    servicer.encoder = encoder
+    info = await servicer.GetModelInfo(encoder_pb2.EncoderInfoRequest(), NoMetadata())
+    assert (info.family, info.hidden_size, info.tokens_per_tile) == ("qwen-vl-chat", OUT, 256)
     encoder.start()
     try:
         image = noise_image(300, 200)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         item = MediaItem(MediaRef(data=buffer.getvalue()))
-        (result,) = [r async for r in encoder.encode_all([item])]
+        (result,) = [r async for rs in encoder.encode_all([item]) for r in rs]
     finally:
         await encoder.stop()
     assert (result.num_tiles, result.num_tokens, result.embeddings.shape[1]) == (1, 256, OUT)

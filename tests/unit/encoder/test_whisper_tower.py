@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import WhisperFeatureExtractor
 
-from encoder_service.audio import AudioPreprocessor, audio_lengths
+from encoder_service.families.audio import AudioPreprocessor, audio_lengths
 from encoder_service.towers.whisper import WhisperAudioEncoder
 
 N_MELS, N_CTX, N_STATE, N_HEAD, N_LAYER, OUTPUT_DIM = 16, 1500, 32, 4, 2, 48

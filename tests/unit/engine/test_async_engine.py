@@ -13,7 +13,7 @@ from llm_service.engine.async_engine import TorchEngine
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.protocol import (
     EmbeddingSpan, EngineOutput, EngineRequest, FinishReason, SamplingParams)
-from llm_service.errors import EngineDead, InvalidRequest, Overloaded
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
 
 from tiny_checkpoints import DIMS, VOCAB
 

@@ -12,7 +12,7 @@ from llm_service.engine.outputs import RunnerOutput, SchedulerOutput
 from llm_service.engine.protocol import EngineOutput, EngineRequest, FinishReason, SamplingParams
 from llm_service.engine.scheduler import Scheduler
 from llm_service.engine.sequence import Sequence, SequenceStatus
-from llm_service.errors import Overloaded
+from llm_service.engine.errors import Overloaded
 
 BS = 4
 EOS = 0

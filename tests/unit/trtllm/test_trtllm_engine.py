@@ -9,7 +9,7 @@ import torch
 
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, FinishReason, SamplingParams
 from llm_service.engine.trtllm import TrtllmEngine
-from llm_service.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
 
 pytestmark = pytest.mark.timeout(30)
 
