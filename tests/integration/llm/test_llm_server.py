@@ -30,6 +30,7 @@ class ScriptedEngine(EngineClient):
         self.delay = delay
         self.requests: list[EngineRequest] = []
         self.aborted: list[str] = []
+        self.finished: list[tuple[str, int]] = []
         self.active: set[str] = set()
         self.refuse = False
 
@@ -59,7 +60,8 @@ class ScriptedEngine(EngineClient):
                 self.active.discard(request.request_id)
                 self.aborted.append(request.request_id)
 
-    async def finish(self, request_id: str, index: int) -> None: ...
+    async def finish(self, request_id: str, index: int) -> None:
+        self.finished.append((request_id, index))
 
     async def abort(self, request_id: str) -> None:
         self.active.discard(request_id)
@@ -118,6 +120,17 @@ async def test_stop_string_ends_the_choice_and_aborts_the_engine(served):
     assert "".join(r.text for r in replies) == "北京是中国的首都。 The capital of "
     assert replies[-1].finish_reason == llm_pb2.FINISH_REASON_STOP
     assert engine.aborted == ["req-1"]
+
+
+async def test_each_choice_that_matches_a_stop_string_is_finished_in_the_engine(served):
+    engine, stub = served
+    replies = await collect(stub, chat("Hi", max_tokens=200, stop=["France"], n=2))
+    for index in (0, 1):
+        mine = [r for r in replies if r.index == index]
+        assert "".join(r.text for r in mine) == "北京是中国的首都。 The capital of "
+        assert mine[-1].finish_reason == llm_pb2.FINISH_REASON_STOP
+    # Each choice's KV blocks are released as soon as its stop string matched.
+    assert engine.finished == [("req-1", 0), ("req-1", 1)]
 
 
 async def test_max_tokens_gives_length(served):

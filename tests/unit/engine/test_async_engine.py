@@ -256,6 +256,30 @@ async def test_abort_at_each_stage_frees_all_blocks(make_engine, stage):
     assert (stats.kv_blocks_used, stats.running, stats.waiting) == (0, 0, 0)
 
 
+async def test_finishing_one_choice_frees_its_blocks_while_its_sibling_decodes(make_engine):
+    engine = await make_engine()
+    gate = Gate(engine)
+    stream = engine.generate(EngineRequest("a", prompt(6, 9), SamplingParams(
+        n=2, max_tokens=6, temperature=0.0)))
+    first = asyncio.ensure_future(stream.__anext__())
+    await gate.reached()  # step 1: the prompt; choice 1 forks at its end
+    for _ in range(2):  # step 2: both choices decode; step 3 waits
+        gate.step()
+        await gate.reached()
+    # 4-token blocks: the 9-token prompt's first two shared, one tail block per choice.
+    assert engine.stats().kv_blocks_used == 4
+    await engine.finish("a", 1)  # as the generator does when choice 1 matched a stop string
+    gate.step()
+    await gate.reached()  # step 4: choice 0 alone
+    assert engine.stats().kv_blocks_used == 3
+    gate.open()
+    outputs = [await first] + [out async for out in stream]
+    finals = {o.index: o for o in outputs if o.finished}
+    assert finals[1].finish_reason == FinishReason.STOP and len(tokens(outputs, 1)) == 2
+    assert finals[0].finish_reason == FinishReason.LENGTH and len(tokens(outputs, 0)) == 6
+    await wait_until(lambda: engine.stats().kv_blocks_used == 0)
+
+
 async def test_closing_the_stream_early_aborts(make_engine):
     engine = await make_engine()
     stream = engine.generate(EngineRequest("a", prompt(5, 9), SamplingParams(max_tokens=200)))
