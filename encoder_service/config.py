@@ -152,6 +152,13 @@ class EncoderConfig:
             raise ValueError("invalid encoder config: " + "; ".join(errors))
 
     @property
+    def checkpoint_dir(self) -> str:
+        """The checkpoint of a torch or TensorRT tower (validation made sure there is one)."""
+        if not self.checkpoint:
+            raise ValueError(f"tower {self.tower} needs checkpoint (a checkpoint directory)")
+        return self.checkpoint
+
+    @property
     def server_tls(self) -> TlsFiles:
         return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca)
 

@@ -8,7 +8,7 @@ content hash, so a frame seen before (in a frame list, or sampled again) skips t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +20,10 @@ from encoder_service.cache import ContentStore, StoredItem
 from encoder_service.config import MAX_VIDEO_FRAMES, EncoderConfig
 from encoder_service.errors import InvalidRequest
 from encoder_service.families import Preprocessed, Preprocessor, Tiles, build_preprocessor
+from encoder_service.families.imaging import content_hash
 from encoder_service.media import MediaResolver
 from encoder_service.towers.base import Tower
 from encoder_service.video import sample_frames
-from encoder_service.families.imaging import content_hash
 from mmserve.wire.media import EncodedItem, MediaItem, Modality, handle_for
 
 VIDEO_KEY = "video;"  # the content store keys a video file by sha256 over this + its bytes
@@ -76,7 +76,8 @@ class Encoder:
         return EncoderStats(self.batcher.queued_tiles, self.batcher.tower_calls,
                             self.store.nbytes, len(self.store))
 
-    async def encode_all(self, items: Sequence[MediaItem]) -> AsyncIterator[list[EncodedItem]]:
+    async def encode_all(self, items: Sequence[MediaItem],
+                         ) -> AsyncGenerator[list[EncodedItem], None]:
         """Encodes all items concurrently and yields each one's results in request order.
 
         The first failure (in request order) is raised; the other items are cancelled.

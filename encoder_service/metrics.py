@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -62,7 +62,7 @@ class EncoderMetrics(Collector):
                                 value=stats.store_bytes if stats else 0)
 
 
-def serve_metrics(metrics: EncoderMetrics, host: str, port: int) -> ThreadingHTTPServer:
+def serve_metrics(metrics: EncoderMetrics, host: str, port: int) -> WSGIServer:
     """Serves /metrics on its own thread; returns the HTTP server (shutdown() stops it)."""
     registry = CollectorRegistry()
     registry.register(metrics)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from http.server import ThreadingHTTPServer
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 
@@ -25,10 +25,14 @@ from mmserve.rpc.calls import Call, rpc_method, status_for
 from mmserve.rpc.server import GrpcServer, bind_address
 from mmserve.rpc.tls import server_credentials
 from mmserve.wire.chunks import dtype_to_pb, tensor_to_chunks, torch_dtype
-from mmserve.wire.convert import header_to_pb, item_from_pb
+from mmserve.wire.convert import header_to_pb, item_from_pb, modality_to_pb
 from mmserve.wire.media import EncodedItem, MediaItem
 from mmserve.wire.shm import (
-    SHM_MIN_BYTES, ShmOffers, new_region_name, remove_regions, remove_stale_regions,
+    SHM_MIN_BYTES,
+    ShmOffers,
+    new_region_name,
+    remove_regions,
+    remove_stale_regions,
     write_region,
 )
 from protos import encoder_pb2, encoder_pb2_grpc
@@ -137,7 +141,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc
     async def GetModelInfo(self, request: encoder_pb2.EncoderInfoRequest,
-                           context: grpc.aio.ServicerContext, call: Call) -> encoder_pb2.EncoderInfo:
+                           context: grpc.aio.ServicerContext,
+                           call: Call) -> encoder_pb2.EncoderInfo:
         if self.encoder is None:
             # The hidden size is the loaded tower's: callers retry until it is known.
             raise Unavailable("the encoder is still loading its tower; retry shortly")
@@ -145,7 +150,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         return encoder_pb2.EncoderInfo(
             family=config.family, hidden_size=self.encoder.hidden_size,
             dtype=dtype_to_pb(torch_dtype(config.dtype)),
-            modalities=[int(m) for m in preprocessor.modalities],
+            modalities=[modality_to_pb(m) for m in preprocessor.modalities],
             tokens_per_tile=preprocessor.tokens_per_tile, max_tiles=config.max_tiles,
             tower=config.tower)
 
@@ -171,7 +176,7 @@ class EncoderServer:
         encoder_pb2_grpc.add_EncoderServicer_to_server(self._servicer, self._server.grpc)
         self.port = 0
         self.metrics_port = 0
-        self._metrics_server: ThreadingHTTPServer | None = None
+        self._metrics_server: WSGIServer | None = None
 
     @property
     def encoder(self) -> Encoder | None:
@@ -186,7 +191,8 @@ class EncoderServer:
             self._metrics_server = serve_metrics(self._servicer.metrics, config.host,
                                                  config.metrics_port)
             self.metrics_port = self._metrics_server.server_port
-        tower = self._tower or await asyncio.to_thread(build_tower, config)
+        tower = self._tower if self._tower is not None else \
+            await asyncio.to_thread(build_tower, config)
         encoder = Encoder(config, tower, self.preprocessor)
         encoder.start()
         self._servicer.encoder = encoder

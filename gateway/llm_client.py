@@ -101,18 +101,18 @@ def completion_request_to_pb(request: CompletionRequest, request_id: str,
 
 def _part_to_pb(part: ContentPart, param: str) -> llm_pb2.ContentPart:
     # ContentPart's validator guarantees the field named by `type` is set.
-    if part.type == "image_url":
+    if part.image_url is not None:
         return llm_pb2.ContentPart(image=common_pb2.MediaRef(url=part.image_url.url))
-    if part.type == "video":
+    if part.video is not None:
         return llm_pb2.ContentPart(video=llm_pb2.Video(
             frames=[common_pb2.MediaRef(url=url) for url in part.video]))
-    if part.type == "video_url":
+    if part.video_url is not None:
         return llm_pb2.ContentPart(video=llm_pb2.Video(
             file=common_pb2.MediaRef(url=part.video_url.url),
             num_frames=part.video_url.num_frames or 0))
-    if part.type == "audio_url":
+    if part.audio_url is not None:
         return llm_pb2.ContentPart(audio=common_pb2.MediaRef(url=part.audio_url.url))
-    if part.type == "input_audio":
+    if part.input_audio is not None:
         audio = part.input_audio
         return llm_pb2.ContentPart(audio=common_pb2.MediaRef(
             data=_decode_base64(audio.data, f"{param}.input_audio.data"),

@@ -8,9 +8,8 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict
-
 from collections.abc import Mapping
+from dataclasses import asdict
 
 from llm_service.config import LLMConfig
 from mmserve.modelconfig import load_model_config

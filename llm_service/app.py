@@ -15,8 +15,8 @@ from llm_service.engine.protocol import EngineClient
 from llm_service.errors import ServiceError
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
-from llm_service.tokenizer import load_tokenizer
 from llm_service.server import LLMServicer, build_server, watch_health
+from llm_service.tokenizer import load_tokenizer
 from llm_service.weights import resolve_checkpoint
 from mmserve.rpc.tls import channel_credentials, server_credentials
 
@@ -51,8 +51,9 @@ async def check_encoder(encoder: EncoderClient, hidden_size: int, wait_s: float)
                 return
             await asyncio.sleep(0.5)
     if info.hidden_size != hidden_size:
-        raise ValueError(f"encoder hidden size {info.hidden_size} != LLM hidden size {hidden_size}: "
-                         "set encoder.hidden_size in the model config to the LLM's")
+        raise ValueError(f"encoder hidden size {info.hidden_size} != LLM hidden size "
+                         f"{hidden_size}: set encoder.hidden_size in the model config to the "
+                         "LLM's")
     log.info("encoder: family=%s tower=%s hidden=%d", info.family, info.tower, info.hidden_size)
 
 

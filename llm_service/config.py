@@ -70,7 +70,8 @@ class LLMConfig:
         return TlsFiles(self.encoder_tls_cert, self.encoder_tls_key, self.encoder_tls_ca)
 
     @classmethod
-    def from_sources(cls, sections: dict[str, dict[str, Any]], args: argparse.Namespace) -> LLMConfig:
+    def from_sources(cls, sections: dict[str, dict[str, Any]],
+                     args: argparse.Namespace) -> LLMConfig:
         """YAML sections first, then flags that were given explicitly."""
         model, llm = sections["model"], sections["llm"]
         default = {f.name: f.default for f in fields(cls)}  # slots: no class attributes
@@ -103,9 +104,14 @@ class LLMConfig:
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             tls_ca=Path(args.tls_ca) if args.tls_ca else None,
-            **{f"encoder_tls_{name}": Path(value) for name in ("cert", "key", "ca")
-               if (value := getattr(args, f"encoder_tls_{name}", None))},
+            encoder_tls_cert=_path(getattr(args, "encoder_tls_cert", None)),
+            encoder_tls_key=_path(getattr(args, "encoder_tls_key", None)),
+            encoder_tls_ca=_path(getattr(args, "encoder_tls_ca", None)),
         )
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _first(*values: Any) -> Any:

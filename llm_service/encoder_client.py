@@ -21,7 +21,12 @@ import grpc
 import torch
 
 from llm_service.errors import (
-    DeadlineExceeded, InvalidRequest, NotFound, PermissionDenied, ServiceError, Unavailable,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ServiceError,
+    Unavailable,
 )
 from mmserve.wire.chunks import chunks_to_tensor
 from mmserve.wire.convert import item_from_header, item_to_pb

@@ -9,7 +9,11 @@ from __future__ import annotations
 import grpc
 
 from llm_service.engine.errors import (
-    EngineDead, EngineError, InvalidRequest, Overloaded, Unavailable,
+    EngineDead,
+    EngineError,
+    InvalidRequest,
+    Overloaded,
+    Unavailable,
 )
 
 ServiceError = EngineError  # every error whose message the client sees

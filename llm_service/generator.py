@@ -10,13 +10,17 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from llm_service.encoder_client import EncoderClient
 from llm_service.engine.detokenizer import IncrementalDetokenizer
 from llm_service.engine.protocol import (
-    EmbeddingSpan, EngineClient, EngineRequest, FinishReason, SamplingParams, TokenLogprob,
+    EmbeddingSpan,
+    EngineClient,
+    EngineRequest,
+    FinishReason,
+    SamplingParams,
+    TokenLogprob,
 )
 from llm_service.errors import InvalidRequest, Unavailable
 from llm_service.prompt.families import PromptFamily

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +24,8 @@ RESET = "\033[0m"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mmserve.run", description=__doc__)
-    p.add_argument("--config", default=None, help="model YAML for both services (default: embedded)")
+    p.add_argument("--config", default=None,
+                   help="model YAML for both services (default: embedded)")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     p.add_argument("--port", type=int, default=8000, help="gateway port")
     p.add_argument("--llm-port", type=int, default=50051)
@@ -149,15 +151,18 @@ async def run(args: argparse.Namespace) -> int:
             procs[name] = await asyncio.create_subprocess_exec(
                 *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                 env=env, start_new_session=True, preexec_fn=_die_with_parent)
-            pumps.append(asyncio.create_task(pump(name, procs[name].stdout, color)))
+            stdout = procs[name].stdout
+            assert stdout is not None  # stdout=PIPE
+            pumps.append(asyncio.create_task(pump(name, stdout, color)))
         ready = asyncio.create_task(wait_healthy(args, procs))
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
             ready.result()
             print(banner(args, time.monotonic() - started), flush=True)
-            exits = [asyncio.create_task(p.wait()) for p in procs.values()]
-            done, _ = await asyncio.wait({stopped, *exits}, return_when=asyncio.FIRST_COMPLETED)
+            waits: set[asyncio.Task[Any]] = {stopped}
+            waits.update(asyncio.create_task(p.wait()) for p in procs.values())
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if stopped not in done:
                 dead = [n for n, p in procs.items() if p.returncode is not None]
                 print(f"{', '.join(dead)} exited; stopping the rest", file=sys.stderr)

@@ -19,9 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoder_service.families.audio import SAMPLE_RATE, AudioFeatures, AudioPreprocessor, audio_lengths
 from encoder_service.checkpoint import read_config
 from encoder_service.families import Plan, Preprocessed, Preprocessor
+from encoder_service.families.audio import (
+    SAMPLE_RATE,
+    AudioFeatures,
+    AudioPreprocessor,
+    audio_lengths,
+)
 from encoder_service.families.imaging import image_hash, rgb, to_pixels
 from mmserve.wire.media import Modality
 

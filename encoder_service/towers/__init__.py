@@ -44,8 +44,7 @@ def build_tower(config: EncoderConfig) -> Tower:
         return DemoTower(hidden_size=config.hidden_size or DEMO_HIDDEN_SIZE,
                          dtype=torch_dtype(config.dtype), seed=config.seed,
                          image_size=config.image_size)
-    assert config.checkpoint is not None  # EncoderConfig requires it for torch and tensorrt
-    width = checkpoint_hidden_size(config.family, config.checkpoint)
+    width = checkpoint_hidden_size(config.family, config.checkpoint_dir)
     if config.hidden_size is not None and config.hidden_size != width:
         raise ValueError(f"hidden_size {config.hidden_size} does not match the checkpoint's "
                          f"LLM hidden size {width} ({config.checkpoint})")

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from encoder_service.checkpoint import load_state_dict, read_config
 from encoder_service.config import EncoderConfig
 from encoder_service.families import Preprocessed
 from encoder_service.families.llava import LlavaInputs, unpadded_grid
 from encoder_service.towers.base import Tower
-from encoder_service.checkpoint import load_state_dict, read_config
 from mmserve.wire.chunks import torch_dtype
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -126,7 +126,7 @@ def output_width(checkpoint_dir: str | Path) -> int:
 
 
 def build(config: EncoderConfig) -> LlavaTower:
-    return LlavaTower(config.checkpoint, torch_dtype(config.dtype), config.device)
+    return LlavaTower(config.checkpoint_dir, torch_dtype(config.dtype), config.device)
 
 
 def _read_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

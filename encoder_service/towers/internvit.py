@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
+from encoder_service.checkpoint import load_state_dict, read_config, take
 from encoder_service.config import EncoderConfig
 from encoder_service.towers.base import ModuleTower
-from encoder_service.checkpoint import load_state_dict, read_config, take
 from encoder_service.towers.demo import pixel_shuffle
 from mmserve.wire.chunks import torch_dtype
 
@@ -139,7 +139,7 @@ class InternViTTower(ModuleTower):
 
 
 def build(config: EncoderConfig) -> InternViTTower:
-    tower = InternViTTower(config.checkpoint, torch_dtype(config.dtype), config.device)
+    tower = InternViTTower(config.checkpoint_dir, torch_dtype(config.dtype), config.device)
     if tower.image_size != config.image_size:
         raise ValueError(f"image_size {config.image_size} != the checkpoint's tile size "
                          f"{tower.image_size} (force_image_size)")

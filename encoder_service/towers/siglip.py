@@ -21,12 +21,12 @@ from torch import nn
 from transformers import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
-from encoder_service.families.audio import AudioFeatures
+from encoder_service.checkpoint import load_state_dict, read_config
 from encoder_service.config import EncoderConfig
 from encoder_service.families import Preprocessed
+from encoder_service.families.audio import AudioFeatures
 from encoder_service.families.megrez import QUERY_NUM, MegrezImageInputs
 from encoder_service.towers.base import Tower
-from encoder_service.checkpoint import load_state_dict, read_config
 from encoder_service.towers.whisper import WhisperAudioEncoder
 from mmserve.wire.chunks import torch_dtype
 
@@ -141,7 +141,8 @@ class MegrezTower(Tower):
             with torch.inference_mode():
                 return self.audio(inputs).to("cpu", self.dtype)
         if not isinstance(inputs, MegrezImageInputs):
-            raise TypeError(f"MegrezTower takes Megrez images or audio, got {type(inputs).__name__}")
+            raise TypeError(f"MegrezTower takes Megrez images or audio, "
+                            f"got {type(inputs).__name__}")
         parts = [inputs.source] + ([inputs.slices] if inputs.slices is not None else [])
         return torch.cat([self.encode(part).flatten(0, 1) for part in parts])
 
@@ -157,7 +158,7 @@ def output_width(checkpoint_dir: str | Path) -> int:
 
 
 def build(config: EncoderConfig) -> MegrezTower:
-    return MegrezTower(config.checkpoint, torch_dtype(config.dtype), config.device)
+    return MegrezTower(config.checkpoint_dir, torch_dtype(config.dtype), config.device)
 
 
 def _load(checkpoint_dir: str | Path, *prefixes: str) -> dict[str, torch.Tensor]:

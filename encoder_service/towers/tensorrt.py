@@ -52,8 +52,9 @@ def build_engine(onnx_path: Path, engine_path: Path, dtype: str = "bfloat16", mi
         raise ValueError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    if BUILD_FLAGS[dtype]:
-        config.set_flag(getattr(trt.BuilderFlag, BUILD_FLAGS[dtype]))
+    flag = BUILD_FLAGS[dtype]
+    if flag:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     profile = builder.create_optimization_profile()
     tile = (3, image_size, image_size)
     profile.set_shape(INPUT_NAME, (min_tiles, *tile), (opt_tiles, *tile), (max_tiles, *tile))

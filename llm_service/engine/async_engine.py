@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,12 @@ from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
 from llm_service.engine.protocol import (
-    EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason)
+    EngineClient,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+)
 from llm_service.engine.scheduler import Scheduler
 from llm_service.engine.validation import Limits, validate_request
 
@@ -159,7 +164,7 @@ class TorchEngine(EngineClient):
         self._dead = self._dead or "the engine is shut down"
         self._fail_all(self._dead)
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         return self._generate(request)
 
     async def abort(self, request_id: str) -> None:
@@ -175,7 +180,7 @@ class TorchEngine(EngineClient):
     def healthy(self) -> bool:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
 
-    async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._dead is not None or self._limits is None:
             raise EngineDead(self._dead or "the engine is not started")
         validate_request(request, self._limits)
@@ -207,9 +212,26 @@ class TorchEngine(EngineClient):
             if unfinished:  # the caller stopped listening: free what the request holds
                 self._inbox.put(_Abort(rid))
 
+    # What start() set up; the engine thread uses these only after it did.
+
+    @property
+    def _sched(self) -> Scheduler:
+        assert self._scheduler is not None, "the engine is not started"
+        return self._scheduler
+
+    @property
+    def _model_runner(self) -> ModelRunner:
+        assert self._runner is not None, "the engine is not started"
+        return self._runner
+
+    @property
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the engine is not started"
+        return self._loop
+
     # --- event-loop side of the hand-over -------------------------------------------------
 
-    def _deliver(self, items: dict[str, _StreamItem]) -> None:
+    def _deliver(self, items: Mapping[str, _StreamItem]) -> None:
         for rid, item in items.items():
             stream = self._streams.get(rid)
             if stream is not None:
@@ -226,8 +248,7 @@ class TorchEngine(EngineClient):
         grouped: dict[str, list[EngineOutput]] = defaultdict(list)
         for out in outputs:
             grouped[out.request_id].append(out)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, dict(grouped))
+        self._event_loop.call_soon_threadsafe(self._deliver, dict(grouped))
 
     # --- engine thread ----------------------------------------------------------------------
 
@@ -235,21 +256,21 @@ class TorchEngine(EngineClient):
         try:
             self._build()
         except BaseException as exc:
-            self._loop.call_soon_threadsafe(_settle, ready, exc)
+            self._event_loop.call_soon_threadsafe(_settle, ready, exc)
             return
-        self._loop.call_soon_threadsafe(_settle, ready, None)
+        self._event_loop.call_soon_threadsafe(_settle, ready, None)
         try:
-            while self._drain(block=not self._scheduler.has_work):
-                if self._scheduler.has_work:
+            while self._drain(block=not self._sched.has_work):
+                if self._sched.has_work:
                     self._step()
                 self._publish_stats()
-            for rid in list(self._scheduler.requests):
-                self._send(self._scheduler.abort(rid))
+            for rid in list(self._sched.requests):
+                self._send(self._sched.abort(rid))
             self._publish_stats()
         except BaseException as exc:  # the engine's state can no longer be trusted
             log.exception("torch engine died")
             self._dead = f"engine failure: {type(exc).__name__}: {exc}"
-            self._loop.call_soon_threadsafe(self._fail_all, self._dead)
+            self._event_loop.call_soon_threadsafe(self._fail_all, self._dead)
 
     def _drain(self, block: bool) -> bool:
         """Applies queued adds and aborts; False once shutdown was asked for."""
@@ -264,23 +285,23 @@ class TorchEngine(EngineClient):
                 return False
             if isinstance(item, _Add):
                 try:
-                    self._scheduler.add(item.request)
+                    self._sched.add(item.request)
                 except Overloaded as exc:
-                    self._loop.call_soon_threadsafe(self._deliver,
+                    self._event_loop.call_soon_threadsafe(self._deliver,
                                                     {item.request.request_id: exc})
             elif isinstance(item, _Abort):
-                self._send(self._scheduler.abort(item.request_id))
+                self._send(self._sched.abort(item.request_id))
             else:
-                self._send(self._scheduler.finish(item.request_id, item.index))
+                self._send(self._sched.finish(item.request_id, item.index))
         return True
 
     def _step(self) -> None:
-        step = self._scheduler.schedule()
+        step = self._sched.schedule()
         if step.is_empty:
             return
         started = time.perf_counter()
         try:
-            result = self._runner.execute(step)
+            result = self._model_runner.execute(step)
         except Exception as exc:
             self._failures += 1
             if self._failures >= MAX_CONSECUTIVE_STEP_FAILURES:
@@ -288,15 +309,15 @@ class TorchEngine(EngineClient):
             log.exception("engine step failed; failing its %d requests", len(step.scheduled))
             message = f"engine step failed: {type(exc).__name__}: {exc}"
             for rid in dict.fromkeys(s.seq.request_id for s in step.scheduled):
-                self._send(self._scheduler.abort(rid, error=message))
+                self._send(self._sched.abort(rid, error=message))
             return
         self._failures = 0
-        self._send(self._scheduler.update(step, result))
+        self._send(self._sched.update(step, result))
         elapsed = (time.perf_counter() - started) * 1e3
         self._step_ms = elapsed if not self._step_ms else 0.9 * self._step_ms + 0.1 * elapsed
 
     def _publish_stats(self) -> None:
-        sched = self._scheduler
+        sched = self._sched
         bm = sched.block_manager
         self._stats = EngineStats(
             kv_blocks_total=bm.num_blocks,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -161,7 +161,7 @@ class EngineClient(ABC):
         """Stops the step loop; pending requests finish with ABORT."""
 
     @abstractmethod
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Submits a request and yields its outputs. Closing the iterator early aborts it.
 
         Raises InvalidRequest (bad request) or Overloaded (queue full) on first iteration

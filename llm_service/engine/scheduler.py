@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from llm_service.engine.block_manager import BlockManager
+from llm_service.engine.errors import Overloaded
 from llm_service.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from llm_service.engine.protocol import EngineOutput, EngineRequest, TokenLogprob
 from llm_service.engine.sequence import Sequence, SequenceStatus
-from llm_service.engine.errors import Overloaded
 
 
 class Scheduler:

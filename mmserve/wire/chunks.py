@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mmserve.wire.dtypes import DTYPES, by_name, by_pb
-from protos import encoder_pb2
+from protos import common_pb2, encoder_pb2
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -30,7 +30,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-def dtype_to_pb(dtype: torch.dtype) -> int:
+def dtype_to_pb(dtype: torch.dtype) -> common_pb2.DType:
     """torch dtype -> common_pb2.DType value."""
     return DTYPES[dtype_name(dtype)].pb
 

@@ -6,6 +6,8 @@ encoder's servicer reads `item_from_pb` and sends `header_to_pb`.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from mmserve.wire.chunks import dtype_to_pb
@@ -36,16 +38,21 @@ def modality_from_pb(value: int) -> Modality:
         raise ValueError(f"unknown modality {value}; expected image, audio or video") from None
 
 
+def modality_to_pb(modality: Modality) -> common_pb2.Modality:
+    return cast(common_pb2.Modality, int(modality))  # the values are common.proto's
+
+
 def item_to_pb(item: MediaItem) -> encoder_pb2.MediaItem:
     return encoder_pb2.MediaItem(
-        modality=int(item.modality), ref=ref_to_pb(item.ref), max_tiles=item.max_tiles,
+        modality=modality_to_pb(item.modality), ref=ref_to_pb(item.ref), max_tiles=item.max_tiles,
         num_frames=item.num_frames, frames=[ref_to_pb(frame) for frame in item.frames])
 
 
 def item_from_pb(pb: encoder_pb2.MediaItem) -> MediaItem:
     """Raises ValueError for an unknown modality."""
     return MediaItem(ref_from_pb(pb.ref) if pb.HasField("ref") else MediaRef(),
-                     modality_from_pb(pb.modality), max_tiles=pb.max_tiles, num_frames=pb.num_frames,
+                     modality_from_pb(pb.modality), max_tiles=pb.max_tiles,
+                     num_frames=pb.num_frames,
                      frames=tuple(ref_from_pb(frame) for frame in pb.frames))
 
 

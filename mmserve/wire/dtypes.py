@@ -15,7 +15,7 @@ from protos import common_pb2
 @dataclass(frozen=True, slots=True)
 class DType:
     name: str  # torch's attribute name
-    pb: int  # common_pb2.DType value on the wire
+    pb: common_pb2.DType  # its value on the wire
     # Bytes travel through an integer view of the same width: numpy has no bfloat16, and
     # an integer view is a bit-exact reinterpretation for every dtype.
     int_view: str  # little-endian numpy integer type string
@@ -27,7 +27,7 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     DType("bfloat16", common_pb2.DTYPE_BFLOAT16, "<i2"),
 )}
 DTYPE_NAMES = tuple(DTYPES)
-_BY_PB = {d.pb: d for d in DTYPES.values()}
+_BY_PB: dict[int, DType] = {d.pb: d for d in DTYPES.values()}
 
 
 def by_name(name: str) -> DType:

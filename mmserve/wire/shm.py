@@ -102,7 +102,7 @@ def write_region(directory: str, name: str, tensor: torch.Tensor) -> encoder_pb2
     fd = os.open(path, _CREATE_FLAGS, 0o644)
     try:
         with open(fd, "wb") as file:
-            file.write(memoryview(array).cast("B"))
+            file.write(array.data)  # C-contiguous: its buffer, without a copy
     except BaseException:
         remove_regions(directory, [name])
         raise

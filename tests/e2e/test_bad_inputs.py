@@ -46,7 +46,7 @@ class Redirector(http.server.BaseHTTPRequestHandler):
 
     hits = 0
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         type(self).hits += 1
         self.send_response(302)
         self.send_header("Location", "http://169.254.169.254/latest/meta-data/")

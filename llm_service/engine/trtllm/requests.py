@@ -15,8 +15,8 @@ from types import ModuleType
 
 import torch
 
-from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
 from llm_service.engine.errors import InvalidRequest
+from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
 from llm_service.engine.trtllm.options import EngineLayout
 from llm_service.engine.validation import Limits, validate_request
 

@@ -53,7 +53,7 @@ class RequestStream:
         self.counts[index] += len(tokens)
         self._note_reuse(result)
         reason = self._finish_reason(index, result, finish_map) if final else None
-        logprobs = ()
+        logprobs: tuple[TokenLogprob, ...] = ()
         if result.log_probs:
             # Take the tail: whether streamed log probs are deltas or cumulative is not
             # documented, and the tail is right in both cases.

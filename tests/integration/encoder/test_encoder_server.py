@@ -19,7 +19,6 @@ from encoder_service.config import EncoderConfig
 from encoder_service.server import SERVICE_NAME, EncoderServer
 from encoder_service.towers.demo import DemoTower
 from mmserve.wire.chunks import chunks_to_tensor
-from mmserve.wire.media import MediaItem, MediaRef
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc
 
 MIB = 1024 * 1024

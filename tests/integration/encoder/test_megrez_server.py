@@ -19,7 +19,6 @@ from encoder_service.server import EncoderServer
 from encoder_service.towers.siglip import Resampler
 from encoder_service.towers.whisper import BLOCK_NAMES, WhisperAudioEncoder
 from mmserve.wire.chunks import chunks_to_tensor
-from mmserve.wire.media import MediaItem, MediaRef
 from hf_layouts import wav_bytes
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc
 

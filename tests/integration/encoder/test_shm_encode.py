@@ -20,11 +20,11 @@ import llm_service.encoder_client as encoder_client
 from encoder_service.config import EncoderConfig
 from encoder_service.server import EncoderServer
 from encoder_service.towers.demo import DemoTower
-from mmserve.wire.chunks import chunks_to_tensor, dtype_to_pb
-from mmserve.wire.shm import create_probe
-from mmserve.wire.media import MediaItem, MediaRef
 from llm_service.encoder_client import EncoderClient
 from llm_service.errors import Unavailable
+from mmserve.wire.chunks import chunks_to_tensor, dtype_to_pb
+from mmserve.wire.media import MediaItem, MediaRef
+from mmserve.wire.shm import create_probe
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc
 
 HIDDEN = 576

@@ -9,7 +9,11 @@ import grpc
 import pytest
 
 from llm_service.engine.protocol import (
-    EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason,
+    EngineClient,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
 )
 from llm_service.errors import Overloaded
 from llm_service.generator import Generator

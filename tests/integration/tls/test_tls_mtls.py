@@ -27,7 +27,11 @@ from gateway.llm_client import LLMClient
 from llm_service.config import LLMConfig
 from llm_service.encoder_client import EncoderClient
 from llm_service.engine.protocol import (
-    EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason,
+    EngineClient,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
 )
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family

@@ -9,15 +9,24 @@ import threading
 import pytest
 import torch
 from PIL import Image
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
 from encoder_service.families import build_preprocessor
 from encoder_service.families.llava import (
-    CLIP_MEAN, CLIP_STD, LlavaPreprocessor, resize_and_pad, select_best_resolution)
+    CLIP_MEAN,
+    CLIP_STD,
+    LlavaPreprocessor,
+    resize_and_pad,
+    select_best_resolution,
+)
 from encoder_service.towers import build_tower, checkpoint_hidden_size
 from encoder_service.towers.clip import LlavaTower
 from mmserve.wire.media import MediaItem, MediaRef

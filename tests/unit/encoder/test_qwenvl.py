@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
-from encoder_service.server import EncoderServicer, encoder_pb2
-from encoder_service.towers import build_tower
 from encoder_service.families import build_preprocessor
 from encoder_service.families.qwenvl import CLIP_MEAN, CLIP_STD
+from encoder_service.server import EncoderServicer, encoder_pb2
+from encoder_service.towers import build_tower
 from encoder_service.towers.qwenvl import QwenVLTower, sincos_pos_embed_2d
 from mmserve.wire.media import MediaItem, MediaRef
 

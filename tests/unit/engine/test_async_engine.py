@@ -8,14 +8,18 @@ import time
 
 import pytest
 import torch
+from tiny_checkpoints import DIMS, VOCAB
 
 from llm_service.engine.async_engine import TorchEngine
 from llm_service.engine.config import EngineConfig
-from llm_service.engine.protocol import (
-    EmbeddingSpan, EngineOutput, EngineRequest, FinishReason, SamplingParams)
 from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
-
-from tiny_checkpoints import DIMS, VOCAB
+from llm_service.engine.protocol import (
+    EmbeddingSpan,
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    SamplingParams,
+)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 

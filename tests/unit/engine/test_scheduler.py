@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_service.engine.block_manager import BlockManager
+from llm_service.engine.errors import Overloaded
 from llm_service.engine.outputs import RunnerOutput, SchedulerOutput
 from llm_service.engine.protocol import EngineOutput, EngineRequest, FinishReason, SamplingParams
 from llm_service.engine.scheduler import Scheduler
 from llm_service.engine.sequence import Sequence, SequenceStatus
-from llm_service.engine.errors import Overloaded
 
 BS = 4
 EOS = 0
@@ -183,7 +183,7 @@ def test_n_choices_share_the_prompt_blocks():
     out, outputs = step(sched)
     assert plan(out) == [("a", 0, 0, 9)]
     assert [o.index for o in outputs] == [0]
-    parent, c1, c2 = seqs(sched, "a")
+    _parent, c1, c2 = seqs(sched, "a")
     assert (c1.block_table, c2.block_table) == ([0, 1], [0, 1])
     assert [b.ref_count for b in sched.block_manager.blocks[:3]] == [3, 3, 1]
     out, outputs = step(sched)

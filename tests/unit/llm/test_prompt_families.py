@@ -12,7 +12,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from llm_service.prompt.families import (
-    INTERNLM2_SYSTEM, INTERNVL_SYSTEM, MEGREZ_SYSTEM, VICUNA_SYSTEM, load_family,
+    INTERNLM2_SYSTEM,
+    INTERNVL_SYSTEM,
+    MEGREZ_SYSTEM,
+    VICUNA_SYSTEM,
+    load_family,
 )
 from llm_service.prompt.messages import MediaItem, MediaRef, Message, Modality, TextPart
 from llm_service.prompt.template import MARKER_RE
@@ -26,7 +30,7 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>
 @pytest.fixture(scope="module")
 def tok():
     vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for word in "What is in the first image ? A cat . And second".split():
+    for word in ["What", "is", "in", "the", "first", "image", "?", "A", "cat", ".", "And", "second"]:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

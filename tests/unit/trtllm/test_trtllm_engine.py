@@ -7,9 +7,9 @@ import asyncio
 import pytest
 import torch
 
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, FinishReason, SamplingParams
 from llm_service.engine.trtllm import TrtllmEngine
-from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -77,7 +77,7 @@ async def test_streaming_equals_non_streaming(make_engine):
 
 
 async def test_eos_stops_without_the_eos_token_and_ignore_eos_runs_on(make_engine):
-    engine, fake = await make_engine()
+    engine, _fake = await make_engine()
     stopped = await collect(engine, EngineRequest("a", PROMPT, SamplingParams(max_tokens=9),
                                                   eos_token_ids=(13,)))
     assert tokens(stopped) == [11, 12] and stopped[-1].finish_reason == FinishReason.STOP

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm_service.engine.errors import InvalidRequest
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
 from llm_service.engine.trtllm.options import EngineLayout
 from llm_service.engine.trtllm.requests import (
-    build_prompt_table, build_request, executor_priority, media_extra_id)
-from llm_service.engine.errors import InvalidRequest
+    build_prompt_table,
+    build_request,
+    executor_priority,
+    media_extra_id,
+)
 
 VOCAB, HIDDEN, PLACEHOLDER = 1000, 16, 7
 
