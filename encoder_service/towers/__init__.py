@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 from encoder_service.config import DEMO_HIDDEN_SIZE, EncoderConfig
@@ -39,7 +40,7 @@ def build_tower(config: EncoderConfig) -> Tower:
     weight is read.
     """
     if config.tower == "demo":
-        from encoder_service.towers.demo import DemoTower
+        from encoder_service.towers.demo import DemoTower  # builds its module at import
 
         return DemoTower(hidden_size=config.hidden_size or DEMO_HIDDEN_SIZE,
                          dtype=torch_dtype(config.dtype), seed=config.seed,
@@ -52,9 +53,7 @@ def build_tower(config: EncoderConfig) -> Tower:
         tower: Tower = _torch_tower_module(config.family).build(config)
         return tower
     if config.tower == "tensorrt":
-        from pathlib import Path
-
-        from encoder_service.towers.tensorrt import TensorRTTower
+        from encoder_service.towers.tensorrt import TensorRTTower  # imports tensorrt
 
         device = config.device if config.device.startswith("cuda") else "cuda"
         assert config.tensorrt_engine is not None  # EncoderConfig requires it for tensorrt

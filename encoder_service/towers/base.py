@@ -8,6 +8,9 @@ import torch
 
 from encoder_service.families import Preprocessed, Tiles
 
+# Tensor names of a tower exported to ONNX and built into a TensorRT engine.
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "embeddings"
+
 
 class Tower(ABC):
     """Preprocessed items in, LLM-width embedding rows out.

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from encoder_service.towers.base import Tower
+from encoder_service.config import EncoderConfig
+from encoder_service.towers import build_tower
+from encoder_service.towers.base import INPUT_NAME, OUTPUT_NAME, Tower
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME, OUTPUT_NAME = "pixel_values", "embeddings"
 
 
 def tower_module(tower: Tower) -> nn.Module:
@@ -101,9 +102,6 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from encoder_service.config import EncoderConfig
-    from encoder_service.towers import build_tower
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
