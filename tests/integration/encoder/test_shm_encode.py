@@ -3,7 +3,6 @@ encoder server, the LLM service's EncoderClient, and raw stubs for the protocol 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import logging
@@ -26,6 +25,7 @@ from mmserve.wire.chunks import chunks_to_tensor, dtype_to_pb
 from mmserve.wire.media import MediaItem, MediaRef
 from mmserve.wire.shm import create_probe
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc
+from polling import eventually
 
 HIDDEN = 576
 
@@ -268,13 +268,6 @@ async def first_region(call) -> str:
     return region.shm.name
 
 
-async def until_empty(shm: Path) -> None:
-    for _ in range(100):
-        if not regions_in(shm):
-            return
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("ending", ["cancelled", "failed"])
 async def test_a_call_that_does_not_finish_leaves_no_region_behind(shm, ending):
     tower = _GatedTower()
@@ -294,7 +287,7 @@ async def test_a_call_that_does_not_finish_leaves_no_region_behind(shm, ending):
             else:
                 tower.gate.set()
                 assert await call.code() == grpc.StatusCode.INTERNAL
-            await until_empty(shm)
+            await eventually(lambda: not regions_in(shm), 2, "the region was not removed")
         assert regions_in(shm) == []
     finally:
         tower.gate.set()

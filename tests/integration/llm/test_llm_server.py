@@ -20,6 +20,7 @@ from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
 from llm_service.server import LLMServicer, build_server
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
+from polling import eventually
 
 ANSWER = "北京是中国的首都。 The capital of France is Paris."
 
@@ -160,10 +161,7 @@ async def test_cancel_aborts_engine_request(served):
     async for _ in call:
         break
     call.cancel()
-    for _ in range(100):
-        if engine.aborted:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: engine.aborted, 2, "the engine request was not aborted")
     assert engine.aborted == ["req-1"] and not engine.active
 
 

@@ -38,6 +38,7 @@ from llm_service.prompt.families import load_family
 from llm_service.server import LLMServicer, build_server
 from mmserve.rpc.tls import channel_credentials, server_credentials
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc, llm_pb2
+from polling import eventually
 
 HIDDEN = 576
 
@@ -187,9 +188,8 @@ async def test_gateway_serves_https_and_reaches_the_llm_over_mtls(llm, certs) ->
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile))
     task = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            assert not task.done(), task.result()
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.started or task.done())
+        assert not task.done(), task.result()
         port = server.servers[0].sockets[0].getsockname()[1]
         trusted = ssl.create_default_context(cafile=str(certs.ca))
         async with httpx.AsyncClient(verify=trusted, timeout=30) as client:

@@ -30,6 +30,7 @@ from encoder_service.families.llava import (
 from encoder_service.towers import build_tower, checkpoint_hidden_size
 from encoder_service.towers.clip import LlavaTower
 from mmserve.wire.media import MediaItem, MediaRef
+from polling import eventually
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
@@ -199,8 +200,7 @@ async def test_crops_of_concurrent_images_share_one_tower_call(tiny_llava):
         busy = asyncio.create_task(encoder.encode(items[0]))
         await asyncio.to_thread(entered.wait, 10)
         rest = asyncio.gather(*(encoder.encode(item) for item in items[1:]))
-        while encoder.batcher._queue.qsize() < 2:  # both wait behind the held call
-            await asyncio.sleep(0.01)
+        await eventually(lambda: encoder.batcher._queue.qsize() == 2)  # behind the held call
         release.set()
         results = [item for items in [await busy, *await rest] for item in items]
     finally:

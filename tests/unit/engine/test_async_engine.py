@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from llm_service.engine.protocol import (
     FinishReason,
     SamplingParams,
 )
+from polling import eventually
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
@@ -58,13 +58,6 @@ def hf_greedy(reference, ids: list[int], n: int) -> list[int]:
     out = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 class Gate:
@@ -223,9 +216,9 @@ async def test_full_waiting_queue_refuses_with_overloaded(make_engine):
     running = asyncio.ensure_future(collect(engine, EngineRequest("a", [1, 2], GREEDY)))
     await gate.reached()  # a is running; the engine holds before its first step
     waiting = asyncio.ensure_future(collect(engine, EngineRequest("b", [3, 4], GREEDY)))
-    await wait_until(lambda: "b" in engine._streams)
+    await eventually(lambda: "b" in engine._streams)
     refused = asyncio.ensure_future(collect(engine, EngineRequest("c", [5, 6], GREEDY)))
-    await wait_until(lambda: "c" in engine._streams)
+    await eventually(lambda: "c" in engine._streams)
     gate.open()
     with pytest.raises(Overloaded, match="max_waiting=1"):
         await refused
@@ -239,7 +232,7 @@ async def test_abort_at_each_stage_frees_all_blocks(make_engine, stage):
     holder = None
     if stage == "waiting":  # takes the only running slot
         holder = asyncio.ensure_future(collect(engine, EngineRequest("hold", [1, 2], GREEDY)))
-        await wait_until(lambda: "hold" in engine._streams)
+        await eventually(lambda: "hold" in engine._streams)
     target = engine.generate(EngineRequest("t", prompt(4, 10), SamplingParams(max_tokens=50)))
     first = asyncio.ensure_future(target.__anext__())
     await gate.reached()
@@ -281,7 +274,7 @@ async def test_finishing_one_choice_frees_its_blocks_while_its_sibling_decodes(m
     finals = {o.index: o for o in outputs if o.finished}
     assert finals[1].finish_reason == FinishReason.STOP and len(tokens(outputs, 1)) == 2
     assert finals[0].finish_reason == FinishReason.LENGTH and len(tokens(outputs, 0)) == 6
-    await wait_until(lambda: engine.stats().kv_blocks_used == 0)
+    await eventually(lambda: engine.stats().kv_blocks_used == 0)
 
 
 async def test_closing_the_stream_early_aborts(make_engine):
@@ -290,7 +283,7 @@ async def test_closing_the_stream_early_aborts(make_engine):
     await stream.__anext__()
     await stream.__anext__()
     await stream.aclose()
-    await wait_until(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
+    await eventually(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
     assert engine._scheduler.requests == {}
 
 
@@ -323,7 +316,7 @@ async def test_a_fatal_error_fails_everything_and_marks_the_engine_dead(make_eng
     outputs = await collect(engine, EngineRequest("a", [1, 2, 3], SamplingParams(n=2)))
     assert {o.index for o in outputs} == {0, 1}
     assert all(o.finish_reason == FinishReason.ABORT and "corrupted" in o.error for o in outputs)
-    await wait_until(lambda: not engine.healthy)
+    await eventually(lambda: not engine.healthy)
     with pytest.raises(EngineDead, match="corrupted"):
         await engine.generate(EngineRequest("b", [1], GREEDY)).__anext__()
 
