@@ -18,6 +18,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mmserve.rpc.tls import TlsFiles, channel_credentials
+
 COLORS = {"encoder": "\033[36m", "llm": "\033[35m", "gateway": "\033[32m"}
 RESET = "\033[0m"
 
@@ -64,12 +66,9 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
-def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if args.tls_cert is None:
-        return None
-    with open(args.tls_ca, "rb") as ca, open(args.tls_key, "rb") as key, \
-            open(args.tls_cert, "rb") as cert:
-        return grpc.ssl_channel_credentials(ca.read(), key.read(), cert.read())
+def client_tls(args: argparse.Namespace) -> TlsFiles:
+    """The supervisor's health checks present the services' own certificate."""
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 async def pump(name: str, stream: asyncio.StreamReader, color: bool) -> None:
@@ -103,7 +102,7 @@ async def http_ready(url: str) -> bool:
 
 async def wait_healthy(args: argparse.Namespace, procs: dict) -> None:
     deadline = time.monotonic() + args.start_timeout
-    credentials = channel_credentials(args)
+    credentials = channel_credentials(client_tls(args))
     checks = {
         "encoder": lambda: grpc_serving(f"127.0.0.1:{args.encoder_port}", credentials),
         "llm": lambda: grpc_serving(f"127.0.0.1:{args.llm_port}", credentials),

@@ -26,6 +26,9 @@ class Tower(ABC):
     dtype: torch.dtype  # dtype of the output rows
     tokens_per_tile: int  # rows per tile
     batches_tiles: bool = True
+    # The whole tiles -> rows computation when it is one torch module (what ONNX export
+    # traces); None for towers that are not (TensorRT, Megrez's two towers).
+    module: torch.nn.Module | None = None
 
     @abstractmethod
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,7 @@ def check_tiles(pixel_values: torch.Tensor, image_size: int) -> None:
 class ModuleTower(Tower):
     """A tower whose whole computation is one torch module (tiles -> rows)."""
 
-    module: torch.nn.Module
+    module: torch.nn.Module  # always one here
     image_size: int
     device: torch.device
     compute_dtype: torch.dtype  # the module's dtype; rows leave in `dtype`

@@ -78,6 +78,8 @@ class LlavaTower(Tower):
     images, batched across requests); `merge` turns one image's crop features into its
     full, variable-length rows."""
 
+    module: LlavaVision
+
     def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> None:
         config = read_config(checkpoint_dir)
         if "vision_config" in config:

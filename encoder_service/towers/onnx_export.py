@@ -29,9 +29,8 @@ log = logging.getLogger(__name__)
 def tower_module(tower: Tower) -> nn.Module:
     """The tower's nn.Module: pixel values [N, 3, S, S] -> [N, tokens_per_tile, hidden].
 
-    Towers expose it as `module`; the demo tower keeps it as `_model`.
     """
-    module = getattr(tower, "module", None) or getattr(tower, "_model", None)
+    module = getattr(tower, "module", None)  # declared by Tower; tolerant of other objects
     if not isinstance(module, nn.Module):
         raise ValueError(f"{type(tower).__name__} exposes no torch module to export")
     return module
