@@ -15,12 +15,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
+from llm_service.engine.inbox import Abort, Add, Failed, Finish, Message, Shutdown, StreamItem
 from llm_service.engine.protocol import (
     EngineClient,
     EngineOutput,
@@ -39,30 +40,6 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_STEP_FAILURES = 3  # then the engine is considered broken, not the requests
 
 
-@dataclass(frozen=True, slots=True)
-class _Add:
-    request: EngineRequest
-
-
-@dataclass(frozen=True, slots=True)
-class _Abort:
-    request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Finish:
-    request_id: str
-    index: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Shutdown:
-    pass
-
-
-_Message = _Add | _Abort | _Finish | _Shutdown
-
-
 def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
     if future.done():
         return
@@ -70,16 +47,6 @@ def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(exc)
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    """Ends a stream: every unfinished choice fails with this message."""
-
-    message: str
-
-
-_StreamItem = list[EngineOutput] | _Failed | Exception
 
 
 class TorchEngine(EngineClient):
@@ -100,8 +67,8 @@ class TorchEngine(EngineClient):
         self._runner: ModelRunner | None = None
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
-        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[_StreamItem]] = {}
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[StreamItem]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: str | None = None
@@ -159,7 +126,7 @@ class TorchEngine(EngineClient):
     async def shutdown(self) -> None:
         if self._thread is None:
             return
-        self._inbox.put(_Shutdown())
+        self._inbox.put(Shutdown())
         await asyncio.to_thread(self._thread.join)
         self._dead = self._dead or "the engine is shut down"
         self._fail_all(self._dead)
@@ -168,10 +135,10 @@ class TorchEngine(EngineClient):
         return self._generate(request)
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.put(_Abort(request_id))
+        self._inbox.put(Abort(request_id))
 
     async def finish(self, request_id: str, index: int) -> None:
-        self._inbox.put(_Finish(request_id, index))
+        self._inbox.put(Finish(request_id, index))
 
     def stats(self) -> EngineStats:
         return replace(self._stats)
@@ -187,9 +154,9 @@ class TorchEngine(EngineClient):
         rid = request.request_id
         if rid in self._streams:
             raise InvalidRequest(f"request id {rid!r} is already in use")
-        stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
+        stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._streams[rid] = stream
-        self._inbox.put(_Add(request))
+        self._inbox.put(Add(request))
         unfinished = set(range(request.sampling.n))
         try:
             while unfinished:
@@ -197,7 +164,7 @@ class TorchEngine(EngineClient):
                 if isinstance(item, Exception):
                     unfinished.clear()
                     raise item
-                if isinstance(item, _Failed):
+                if isinstance(item, Failed):
                     outputs = [EngineOutput(rid, i, [], FinishReason.ABORT, error=item.message)
                                for i in sorted(unfinished)]
                 else:
@@ -210,7 +177,7 @@ class TorchEngine(EngineClient):
             if self._streams.get(rid) is stream:
                 del self._streams[rid]
             if unfinished:  # the caller stopped listening: free what the request holds
-                self._inbox.put(_Abort(rid))
+                self._inbox.put(Abort(rid))
 
     # What start() set up; the engine thread uses these only after it did.
 
@@ -231,7 +198,7 @@ class TorchEngine(EngineClient):
 
     # --- event-loop side of the hand-over -------------------------------------------------
 
-    def _deliver(self, items: Mapping[str, _StreamItem]) -> None:
+    def _deliver(self, items: Mapping[str, StreamItem]) -> None:
         for rid, item in items.items():
             stream = self._streams.get(rid)
             if stream is not None:
@@ -239,7 +206,7 @@ class TorchEngine(EngineClient):
 
     def _fail_all(self, message: str) -> None:
         for stream in self._streams.values():
-            stream.put_nowait(_Failed(message))
+            stream.put_nowait(Failed(message))
 
     def _send(self, outputs: list[EngineOutput]) -> None:
         if not outputs:
@@ -281,15 +248,15 @@ class TorchEngine(EngineClient):
             except queue.Empty:
                 break
         for item in items:
-            if isinstance(item, _Shutdown):
+            if isinstance(item, Shutdown):
                 return False
-            if isinstance(item, _Add):
+            if isinstance(item, Add):
                 try:
                     self._sched.add(item.request)
                 except Overloaded as exc:
                     self._event_loop.call_soon_threadsafe(self._deliver,
                                                     {item.request.request_id: exc})
-            elif isinstance(item, _Abort):
+            elif isinstance(item, Abort):
                 self._send(self._sched.abort(item.request_id))
             else:
                 self._send(self._sched.finish(item.request_id, item.index))
