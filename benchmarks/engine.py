@@ -5,7 +5,8 @@ distinct prompt of 96-160 tokens (128 on average) generating exactly 128 tokens 
 ignored). Reported per c: output tokens/s (all output tokens / time until the last one) and
 mean time to first token.
 
-Baselines, all fp32 on the same device and thread count:
+TorchEngine runs in fp32 and, where the CPU has native bf16 matmuls, in bf16 too (the bf16
+column; the baselines stay fp32). Baselines, all fp32 on the same device and thread count:
   one-at-a-time  transformers `generate` serving requests one by one (throughput does not
                  depend on c; TTFT includes the queueing behind earlier requests)
   static batch   transformers `generate` on the c prompts as one batch, left-padded to the
@@ -64,11 +65,11 @@ def make_prompts(count: int) -> list[list[int]]:
 
 # --- TorchEngine -----------------------------------------------------------------------------
 
-def measure_engine(prompts: list[list[int]], threads: int) -> Result:
-    return asyncio.run(_measure_engine(prompts, threads))
+def measure_engine(prompts: list[list[int]], threads: int, dtype: str = "float32") -> Result:
+    return asyncio.run(_measure_engine(prompts, threads, dtype))
 
 
-async def _measure_engine(prompts: list[list[int]], threads: int) -> Result:
+async def _measure_engine(prompts: list[list[int]], threads: int, dtype: str) -> Result:
     import torch
 
     from llm_service.engine.async_engine import TorchEngine
@@ -77,7 +78,7 @@ async def _measure_engine(prompts: list[list[int]], threads: int) -> Result:
 
     torch.set_num_threads(threads)
     engine = TorchEngine(EngineConfig(model_dir=ensure_embedded_checkpoint(), device="cpu",
-                                      kv_cache_bytes=KV_CACHE_BYTES))
+                                      dtype=dtype, kv_cache_bytes=KV_CACHE_BYTES))
     await engine.start()
     try:
         await _run_engine(engine, [[7] + p[1:] for p in prompts[:2]], "warmup", 8)
@@ -222,20 +223,26 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", help="override the levels")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="skip the TorchEngine bf16 column (needs native bf16 matmuls)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     levels = args.concurrency or ([1, 16] if args.quick else [1, 4, 16, 64])
     prompts = make_prompts(max(levels) * 2 + 2)
-    print(f"SmolLM2-135M fp32 on CPU, {args.threads} threads; prompts of {PROMPT_LEN - 32}-"
+    print(f"SmolLM2-135M on CPU, {args.threads} threads; prompts of {PROMPT_LEN - 32}-"
           f"{PROMPT_LEN + 32} tokens, {OUTPUT_LEN} output tokens; c requests arrive together; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     ours: dict[int, Result] = {}
+    ours_bf16: dict[int, Result] = {}
     baselines: dict[str, dict[int, Result]] = {"one-at-a-time": {}, "static batch": {},
                                                "generate_batch": {}}
     for c in levels:
         batch = prompts[c: 2 * c]
         ours[c] = in_fresh_process(measure_engine, batch, args.threads)
         _progress(c, "TorchEngine", ours[c])
+        if args.bf16:
+            ours_bf16[c] = in_fresh_process(measure_engine, batch, args.threads, "bfloat16")
+            _progress(c, "TorchEngine bf16", ours_bf16[c])
         if args.skip_baselines:
             continue
         if c == levels[0]:
@@ -248,7 +255,7 @@ def main() -> None:
                              ("generate_batch", measure_generate_batch)):
                 baselines[name][c] = in_fresh_process(fn, batch, args.threads)
                 _progress(c, name, baselines[name][c])
-    print_table(levels, ours, {k: v for k, v in baselines.items() if v})
+    print_table(levels, ours, {k: v for k, v in baselines.items() if v}, ours_bf16)
     print(kv_memory_report())
     print(f"load average at end {os.getloadavg()[0]:.1f} (other processes share this CPU)")
 
@@ -258,12 +265,18 @@ def _progress(c: int, name: str, result: Result) -> None:
 
 
 def print_table(levels: list[int], ours: dict[int, Result],
-                baselines: dict[str, dict[int, Result]]) -> None:
+                baselines: dict[str, dict[int, Result]],
+                ours_bf16: dict[int, Result] | None = None) -> None:
     print()
-    print(f"{'c':>3} | {'system':<15} | {'tok/s':>7} | {'TTFT s':>7} | TorchEngine speed-up")
+    print(f"{'c':>3} | {'system':<15} | {'tok/s':>7} | {'TTFT s':>7} | TorchEngine (fp32) "
+          f"speed-up")
     for c in levels:
         print(f"{c:>3} | {'TorchEngine':<15} | {ours[c].tokens_per_s:>7.1f} | "
               f"{ours[c].ttft_s:>7.2f} |")
+        if ours_bf16 and c in ours_bf16:
+            r = ours_bf16[c]
+            print(f"{c:>3} | {'TorchEngine bf16':<15} | {r.tokens_per_s:>7.1f} | "
+                  f"{r.ttft_s:>7.2f} | bf16 is {r.tokens_per_s / ours[c].tokens_per_s:.2f}x fp32")
         for name, results in baselines.items():
             if c in results:
                 r = results[c]

@@ -113,13 +113,17 @@ class Generator:
                     continue  # this choice already ended on a stop string
                 if first_token_at is None and out.new_token_ids:
                     first_token_at = time.monotonic()
-                choice.tokens = out.num_output_tokens
                 delta = choice.detok.add(out.new_token_ids)
+                new_ids, entries = out.new_token_ids, out.logprobs
+                # Tokens after a stop string (in an output that merged several) are not output.
+                unused = len(new_ids) - delta.consumed
+                choice.tokens = out.num_output_tokens - unused
                 finish = out.finish_reason
                 if out.error:
                     raise Unavailable(f"generation failed: {out.error}")
                 if delta.stopped:
                     finish = FinishReason.STOP
+                    new_ids, entries = new_ids[: delta.consumed], entries[: delta.consumed]
                     if out.finish_reason is None:  # free the choice's KV blocks now
                         await self._engine.finish(inp.request_id, out.index)
                 text = delta.text
@@ -129,8 +133,8 @@ class Generator:
                 if finish is not None:
                     choice.done = True
                     usage = Usage(len(token_ids), choice.tokens, out.num_cached_tokens)
-                yield Chunk(out.index, text, list(out.new_token_ids), finish, usage,
-                            self._logprobs(out.logprobs), handles)
+                yield Chunk(out.index, text, list(new_ids), finish, usage,
+                            self._logprobs(entries), handles)
                 handles = ()
                 if all(c.done for c in choices):
                     break

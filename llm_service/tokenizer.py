@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mmserve.transformers_compat import load_fast_tokenizer, tiktoken_backend
+
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
                 r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN_SPECIALS = (
@@ -23,22 +25,18 @@ QWEN_SPECIALS = (
 
 
 def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
-
     model_dir = Path(model_dir)
     if (model_dir / "qwen.tiktoken").is_file():
         return _qwen_tiktoken(model_dir / "qwen.tiktoken")
     if (model_dir / "tokenizer.json").is_file() or not (model_dir / "tokenizer.model").is_file():
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        return load_fast_tokenizer(model_dir)
     return _sentencepiece(model_dir)
 
 
 def _qwen_tiktoken(path: Path):
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    backend = TikTokenConverter(vocab_file=str(path), pattern=QWEN_PATTERN,
-                                extra_special_tokens=QWEN_SPECIALS).converted()
+    backend = tiktoken_backend(str(path), QWEN_PATTERN, QWEN_SPECIALS)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
 

@@ -72,12 +72,15 @@ def ensure_embedded_checkpoint(cache_dir: Path | None = None) -> Path:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mmserve.transformers_compat import match_gguf_tokenizer
+
     started = time.monotonic()
     log.info("converting %s to a safetensors cache at %s (one time)", gguf.name, target)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    match_gguf_tokenizer(tokenizer, model.config.eos_token_id)
     # A GGUF-loaded model keeps its quantizer, and save_pretrained refuses to
     # write it; the tensors are already dequantized to fp32, so drop it.
     model.hf_quantizer = None

@@ -32,6 +32,6 @@ def smollm2_dir():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
+    from llm_service.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    return load_tokenizer(smollm2_dir)

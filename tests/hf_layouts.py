@@ -91,7 +91,8 @@ def megrez_tower_state(rand, vision: dict, hidden: int, audio: dict | None,
                        queries: int = 64) -> dict[str, torch.Tensor]:
     """Megrez-3B-Omni's towers as its checkpoints hold them: `vision.vpm.*` (SigLIP in
     transformers' Idefics2 names), `vision.resampler.*`, `audio.audio.*` (OpenAI names)."""
-    from transformers import Idefics2VisionConfig
+    # Module paths that transformers 4.57 and 5 both have.
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
     from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
     with torch.device("meta"):  # shapes only

@@ -4,8 +4,11 @@
 #   deploy/trtllm/build_vision.sh OUT_DIR [KEY=VALUE ...]
 #
 # KEY=VALUE pairs are encoder config fields for the tower to export (tower, hidden_size,
-# image_size, dtype, ...), e.g. `tower=demo hidden_size=576`. Steps: export ONNX (float32)
-# and check it against the torch tower with onnxruntime, then build OUT_DIR/vision.plan.
+# image_size, dtype, ...), e.g. `tower=demo hidden_size=576`. Steps: export ONNX in float32,
+# check it against the torch tower with onnxruntime, export it again computing in DTYPE
+# (OUT_DIR/vision.DTYPE.onnx), then build OUT_DIR/vision.plan from that as a strongly typed
+# network: the engine's precision is the graph's (no FP16/BF16 builder flags, deprecated in
+# TensorRT 10.12 and removed in 11).
 #
 # Environment (defaults in brackets):
 #   DTYPE [bfloat16]               engine precision: float16 | bfloat16 | float32
@@ -26,19 +29,20 @@ mkdir -p "$OUT"
 sets=(--set "image_size=$IMAGE_SIZE")
 for pair in "$@"; do sets+=(--set "$pair"); done
 
-step "1/2 exporting the tower to $OUT/vision.onnx and checking it with onnxruntime"
-python3 -m encoder_service.towers.onnx_export --out "$OUT/vision.onnx" "${sets[@]}"
+SOURCE=$OUT/vision.onnx
+[[ $DTYPE != float32 ]] && SOURCE=$OUT/vision.$DTYPE.onnx
+step "1/2 exporting the tower to $OUT/vision.onnx, checking it with onnxruntime, and to $SOURCE"
+python3 -m encoder_service.towers.onnx_export --out "$OUT/vision.onnx" --dtype "$DTYPE" "${sets[@]}"
 
-step "2/2 building $OUT/vision.plan ($DTYPE, tiles $MIN_TILES/$OPT_TILES/$MAX_TILES)"
+step "2/2 building $OUT/vision.plan from $SOURCE (strongly typed, tiles $MIN_TILES/$OPT_TILES/$MAX_TILES)"
 if [[ ${USE_TRTEXEC:-0} == 1 ]]; then
   shape() { echo "pixel_values:${1}x3x${IMAGE_SIZE}x${IMAGE_SIZE}"; }
-  flag=(); [[ $DTYPE == float16 ]] && flag=(--fp16); [[ $DTYPE == bfloat16 ]] && flag=(--bf16)
-  trtexec --onnx="$OUT/vision.onnx" --saveEngine="$OUT/vision.plan" "${flag[@]}" \
+  trtexec --onnx="$SOURCE" --saveEngine="$OUT/vision.plan" --stronglyTyped \
     --minShapes="$(shape "$MIN_TILES")" --optShapes="$(shape "$OPT_TILES")" \
     --maxShapes="$(shape "$MAX_TILES")"
 else
-  python3 -m encoder_service.towers.tensorrt "$OUT/vision.onnx" "$OUT/vision.plan" \
-    --dtype "$DTYPE" --min-tiles "$MIN_TILES" --opt-tiles "$OPT_TILES" \
+  python3 -m encoder_service.towers.tensorrt "$SOURCE" "$OUT/vision.plan" \
+    --min-tiles "$MIN_TILES" --opt-tiles "$OPT_TILES" \
     --max-tiles "$MAX_TILES" --image-size "$IMAGE_SIZE"
 fi
 step "done: $OUT/vision.plan"

@@ -1,4 +1,4 @@
-"""LLaVA-1.6's vision side: CLIP ViT (transformers' CLIPVisionModel) + mlp2x_gelu projector,
+"""LLaVA-1.6's vision side: CLIP ViT (transformers' CLIP vision transformer) + mlp2x_gelu projector,
 then the "spatial_unpad" merge with `image_newline` at the end of every feature row.
 
 Loads llava-hf checkpoints (`vision_tower.vision_model.*`, `multi_modal_projector.linear_1/2`,
@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig
 
 from encoder_service.checkpoint import load_state_dict, read_config
 from encoder_service.config import EncoderConfig
 from encoder_service.families import Preprocessed
 from encoder_service.families.llava import LlavaInputs, unpadded_grid
 from encoder_service.towers.base import Tower
+from mmserve.transformers_compat import clip_vision_transformer
 from mmserve.wire.chunks import torch_dtype
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -42,7 +43,7 @@ class LlavaVision(nn.Module):
     def __init__(self, vision_config: CLIPVisionConfig, hidden_size: int, feature_layer: int = -2,
                  drop_cls: bool = True) -> None:
         super().__init__()
-        self.vision_tower = CLIPVisionModel(vision_config)
+        self.vision_tower = clip_vision_transformer(vision_config)
         # Layers past the selected one never influence the output, so they are not run.
         depth = vision_config.num_hidden_layers
         keep = feature_layer if feature_layer >= 0 else depth + 1 + feature_layer

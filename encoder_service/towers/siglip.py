@@ -1,11 +1,12 @@
 """Megrez-3B-Omni's image side: NaViT SigLIP + a cross-attention Resampler (64 rows per slice),
 and `MegrezTower`, which also carries the Whisper audio tower (towers/whisper.py).
 
-The SigLIP is transformers' `Idefics2VisionTransformer`, fed one unpacked image (or a batch
-of same-size slices) with an all-true patch mask. The reference (vLLM `megrezo.py`, as
+The SigLIP is transformers' `Idefics2VisionTransformer`, whose layers run here on one
+unpacked image (or a batch of same-size slices). The reference (vLLM `megrezo.py`, as
 MiniCPM-V) packs each slice as a [3, 14, L*14] strip and takes the patch grid from
-`tgt_sizes`; an unpacked image gives the same patches in the same order, and transformers
-derives the same grid from the mask, so both compute the same bucketed positions.
+`tgt_sizes`; an unpacked image gives the same patches in the same order. The bucketed
+position ids are computed here as the reference computes them: transformers 4.57 scales the
+patch coordinates by (1 - 1e-6) first and lands in a different bucket on some grids.
 
 Checkpoint names follow the reference: `vision.vpm.*` (SigLIP), `vision.resampler.*`,
 `audio.audio.*`; `drop_vision_last_layer` drops SigLIP's last layer as the reference does.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import Idefics2VisionConfig
+from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 from encoder_service.checkpoint import load_state_dict, read_config
@@ -46,6 +47,15 @@ def sincos_pos_embed_2d(dim: int, height: int, width: int) -> torch.Tensor:
     cols, rows = np.meshgrid(np.arange(width, dtype=np.float32),
                              np.arange(height, dtype=np.float32))
     return torch.from_numpy(np.concatenate([encode(cols), encode(rows)], axis=-1)).float()
+
+
+def bucketed_position_ids(height: int, width: int, per_side: int) -> torch.Tensor:
+    """NaViT position ids of an (height, width) patch grid on the per_side x per_side table:
+    each patch's fractional row and column, bucketed (vLLM's Idefics2 with tgt_sizes)."""
+    boundaries = torch.arange(1 / per_side, 1.0, 1 / per_side)
+    rows = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / height), boundaries, right=True)
+    cols = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / width), boundaries, right=True)
+    return (rows[:, None] * per_side + cols).flatten()
 
 
 class Resampler(nn.Module):
@@ -85,7 +95,11 @@ class MegrezVision(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Same-size images in 0..255 [N, 3, H, W] -> [N, 64, hidden]."""
         grid = (pixels.shape[2] // self.patch_size, pixels.shape[3] // self.patch_size)
-        features = self.vpm((pixels - 127.5) / 127.5).last_hidden_state
+        embeddings = self.vpm.embeddings
+        x = embeddings.patch_embedding((pixels - 127.5) / 127.5).flatten(2).transpose(1, 2)
+        ids = bucketed_position_ids(*grid, embeddings.num_patches_per_side).to(x.device)
+        x = x + embeddings.position_embedding(ids)[None]
+        features = self.vpm.post_layernorm(self.vpm.encoder(inputs_embeds=x).last_hidden_state)
         return self.resampler(features, grid)
 
 

@@ -22,6 +22,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
 from encoder_service.families.audio import AudioFeatures
+from mmserve.transformers_compat import run_whisper_layer
 
 # OpenAI Whisper block names -> transformers WhisperEncoderLayer names.
 BLOCK_NAMES = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
@@ -83,7 +84,7 @@ class WhisperAudioEncoder(nn.Module):
         x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).transpose(1, 2)
         x = x + self.positional_embedding[:x.shape[1]].to(x)
         for layer in self.layers:
-            x = layer(x, attention_mask=None)
+            x = run_whisper_layer(layer, x)
         x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
         x = self.proj(self.ln_post(x))[0, :lengths.tokens]
         bos, eos = self.audio_bos_eos_token.weight

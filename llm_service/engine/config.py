@@ -8,6 +8,8 @@ from pathlib import Path
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULING = ("fcfs", "priority")
+CPU_KERNELS = ("auto", "on", "off")
+PLACEMENTS = ("process", "thread")
 CPU_KV_CACHE_BYTES = 512 * 1024**2  # KV budget on CPU when kv_cache_bytes is not given
 
 
@@ -26,6 +28,15 @@ class EngineConfig:
     max_waiting: int = 256  # sequences queued before new requests get Overloaded
     scheduling: str = "fcfs"  # "fcfs" or "priority" (EngineRequest.priority, higher first)
     seed: int = 0  # seeds requests that bring no seed of their own
+    # Where the step loop runs: its own process (no GIL shared with the service's event loop)
+    # or a thread of the service (no process start-up; tests).
+    placement: str = "process"
+    # CPU only. cpu_kernels: the C++ kernels (paged decode attention, fused norms, rope and
+    # silu), built once and cached; "auto" falls back to plain torch ops when they cannot be
+    # built here, "on" refuses to start without them, "off" never builds them.
+    cpu_kernels: str = "auto"
+    prepack_weights: bool = True  # projections on oneDNN's packed weights (fp32, bf16)
+    keep_freed_memory: bool = True  # glibc keeps freed memory for the next step's temporaries
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -45,6 +56,10 @@ class EngineConfig:
             (self.max_model_len is None or self.max_model_len >= 2,
              f"max_model_len must be >= 2 or None, got {self.max_model_len}"),
             (self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}"),
+            (self.placement in PLACEMENTS,
+             f"placement must be one of {PLACEMENTS}, got {self.placement!r}"),
+            (self.cpu_kernels in CPU_KERNELS,
+             f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}"),
             (self.scheduling in SCHEDULING,
              f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}"),
         ]

@@ -19,6 +19,7 @@ _REPLACEMENT = "\ufffd"
 class Delta:
     text: str
     stopped: bool = False  # a stop string matched; text is cut before it
+    consumed: int = 0  # of the tokens given to add(): how many it used (all unless stopped)
 
 
 @dataclass(slots=True)
@@ -33,11 +34,24 @@ class IncrementalDetokenizer:
     _emitted: str = ""
 
     def add(self, token_ids: list[int]) -> Delta:
-        """Appends tokens and returns the text that is now safe to stream."""
-        for token_id in token_ids:
+        """Appends tokens and returns the text that is now safe to stream. With stop strings,
+        tokens are taken one at a time and those after a match are left unused."""
+        if not self.stop:
+            for token_id in token_ids:
+                self._ids.append(token_id)
+                self._pending += self._decode_step()
+            delta = self._release(final=False)
+            delta.consumed = len(token_ids)
+            return delta
+        texts = []
+        for used, token_id in enumerate(token_ids, start=1):
             self._ids.append(token_id)
             self._pending += self._decode_step()
-        return self._release(final=False)
+            delta = self._release(final=False)
+            texts.append(delta.text)
+            if delta.stopped:
+                return Delta("".join(texts), stopped=True, consumed=used)
+        return Delta("".join(texts), consumed=len(token_ids))
 
     def finish(self) -> Delta:
         """Flushes held-back text at the end of generation."""

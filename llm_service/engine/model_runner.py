@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from dataclasses import dataclass
 
 import torch
 
+from llm_service.engine import cpu_kernels
 from llm_service.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from llm_service.engine.cpu_tuning import keep_freed_memory
 from llm_service.engine.models.attention import AttentionMetadata, KVCache, PrefillRun
 from llm_service.engine.models.loader import load_model, read_spec
 from llm_service.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
@@ -18,30 +19,6 @@ from llm_service.engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# glibc mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 * 1024**2  # the largest value glibc accepts on 64-bit
-
-
-def keep_freed_memory() -> bool:
-    """Makes glibc keep freed memory for reuse instead of handing it back to the kernel.
-
-    By default, blocks of a few MiB come from mmap and freed heap tops are trimmed, so each
-    step's temporaries (gathered K/V, activations) fault their pages in again: at 64 decoding
-    sequences on CPU that was 8.7 M page faults and a third of the run in the kernel, and
-    decode steps took 416 ms instead of 263 ms. Process-wide; False where libc is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    # Both, in this order: a fixed trim threshold alone also freezes the mmap threshold at
-    # its 128 KiB default, which is worse than leaving both alone.
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-                and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,10 +54,13 @@ class ModelRunner:
         if max_len > spec.max_position_embeddings:
             raise ValueError(f"max_model_len {max_len} exceeds the model's "
                              f"max_position_embeddings {spec.max_position_embeddings}")
-        if self.device.type == "cpu" and not keep_freed_memory():
+        on_cpu = self.device.type == "cpu"
+        if on_cpu and config.keep_freed_memory and not keep_freed_memory():
             log.info("not glibc: freed memory goes back to the kernel (more page faults)")
         self.model = load_model(config.model_dir, self.device, self.dtype, max_len,
-                                prepack=config.max_num_seqs)
+                                prepack=config.max_num_seqs if config.prepack_weights else None)
+        self.kernels = on_cpu and self._load_kernels(config.cpu_kernels)
+        self.model.use_cpu_kernels(self.kernels)
         self.spec = spec
         self.block_size = config.block_size
         per_block = KVCache.bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads,
@@ -97,6 +77,16 @@ class ModelRunner:
             log.warning("max_model_len lowered from %d to %d to fit the KV pool (%d blocks)",
                         max_len, self.max_model_len, num_blocks)
         self.sampler = Sampler(config.seed)
+
+    def _load_kernels(self, mode: str) -> bool:
+        if mode == "off":
+            return False
+        if cpu_kernels.load():
+            return True
+        if mode == "on":
+            raise ValueError(f"cpu_kernels is 'on' but they cannot be built here: "
+                             f"{cpu_kernels.error()}")
+        return False
 
     @property
     def num_blocks(self) -> int:
@@ -158,10 +148,9 @@ class ModelRunner:
         ids_t = torch.tensor(ids, device=dev).clamp_(0, self.spec.vocab_size - 1)
         embeds = self.model.embed(ids_t)
         self._write_spans(embeds, [scheduled[i] for i in order])
-        decode_blocks, decode_len, decode_mask = self._decode_tables(
-            [scheduled[i] for i in order[:num_decodes]])
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), num_decodes, decode_blocks,
-                                 decode_len, decode_mask, prefills)
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), num_decodes, None, 0, None,
+                                 prefills, kernel=self.kernels)
+        self._decode_tables([scheduled[i] for i in order[:num_decodes]], meta)
         return StepInputs(embeds, torch.tensor(positions, device=dev), meta, sample_rows,
                           sample_seqs, sample_index)
 
@@ -177,23 +166,30 @@ class ModelRunner:
             keys > queries, float("-inf"))
         return PrefillRun(row, row + n, end, blocks, mask)
 
-    def _decode_tables(self, decodes: list[ScheduledSequence]):
-        """Padded block tables, the longest context and the padding mask of the decodes."""
+    def _decode_tables(self, decodes: list[ScheduledSequence], meta: AttentionMetadata) -> None:
+        """The decodes' padded block tables and context lengths (the kernel), or the padding
+        mask over the longest context (plain torch)."""
         if not decodes:
-            return None, 0, None
+            return
         lengths = [d.start + 1 for d in decodes]
         longest = max(lengths)
         width = -(-longest // self.block_size)
         tables = [d.seq.block_table[:width] for d in decodes]
         dev = self.device
-        blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=dev)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        meta.decode_len = longest
+        if meta.kernel:
+            meta.decode_blocks = torch.tensor(padded, dtype=torch.int32)
+            meta.decode_lens = torch.tensor(lengths, dtype=torch.int32)
+            return
+        meta.decode_blocks = torch.tensor(padded, device=dev)
         if min(lengths) == longest:  # nothing to mask: SDPA's fast path (always for one decode)
-            return blocks, longest, None
+            return
         keys = torch.arange(longest, device=dev).unsqueeze(0)
         valid = keys < torch.tensor(lengths, device=dev).unsqueeze(1)
         mask = torch.zeros(len(decodes), longest, dtype=self.dtype, device=dev)
         mask.masked_fill_(~valid, float("-inf"))
-        return blocks, longest, mask.view(len(decodes), 1, 1, -1)
+        meta.decode_mask = mask.view(len(decodes), 1, 1, -1)
 
     def _write_spans(self, embeds: torch.Tensor, items: list[ScheduledSequence]) -> None:
         row = 0

@@ -132,6 +132,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     step_time_ms: float = 0.0
+    num_preemptions: int = 0  # since start
 
 
 class EngineClient(ABC):

@@ -96,3 +96,16 @@ def test_gpu_image_starts_from_tensorrt_llm():
     assert "nvidia/tensorrt-llm" in image
     runs = " ".join(rest for op, rest in instructions if op == "RUN")
     assert "download.pytorch.org" not in runs  # keeps the container's CUDA torch
+
+
+def test_gpu_image_is_the_1_2_line_and_installs_around_the_container():
+    instructions = dockerfile_instructions(DEPLOY / "docker" / "Dockerfile.gpu")
+    args = dict(rest.split("=", 1) for op, rest in instructions if op == "ARG" and "=" in rest)
+    assert args["TRTLLM_IMAGE"].startswith("nvcr.io/nvidia/tensorrt-llm/release:1.2.")
+    runs = [rest for op, rest in instructions if op == "RUN"]
+    install = next(run for run in runs if "-r /tmp/requirements.txt" in run)
+    assert "gpu_env.py snapshot /opt/mmserve/container.txt" in install
+    assert "pip install -c /opt/mmserve/container.txt" in install  # constraints: never replace
+    assert install.index("check-deps") > install.index("pip install -c")
+    final = next(run for run in runs if "pip install --no-deps ." in run)
+    assert final.index("check-deps") < final.index("check-imports")

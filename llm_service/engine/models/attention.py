@@ -1,8 +1,11 @@
-"""Paged attention in plain torch: K/V live in fixed-size blocks and are read through block tables.
+"""Paged attention: K/V live in fixed-size blocks and are read through block tables.
 
-Rows of a step's flat batch are laid out decodes first (one token each, attended in one padded
-SDPA call over their gathered blocks), then one contiguous run per multi-token sequence (a prompt
-or a prompt chunk, attended by its own SDPA call). The same code runs on CPU and CUDA.
+Rows of a step's flat batch are laid out decodes first (one token each), then one contiguous
+run per multi-token sequence (a prompt or a prompt chunk, attended by its own SDPA call).
+Decodes are attended either by the CPU kernel `mmserve::paged_decode`, which reads K/V in
+place through the block table, or in plain torch: one padded SDPA call over their gathered
+blocks. The plain-torch path runs on CPU and CUDA and is the reference the kernel is tested
+against.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class KVCache:
         self.block_size = block_size
         self.pool = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
                                 dtype=dtype, device=device)
+        self._layers = [LayerCache(self.pool[i, 0], self.pool[i, 1]) for i in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -32,9 +36,24 @@ class KVCache:
     def num_blocks(self) -> int:
         return self.pool.shape[2]
 
-    def layer(self, index: int) -> torch.Tensor:
-        """[2 (K, V), num_blocks, block_size, kv_heads, head_dim] of one layer."""
-        return self.pool[index]
+    def layer(self, index: int) -> LayerCache:
+        return self._layers[index]
+
+
+class LayerCache:
+    """One layer's K and V, each [num_blocks, block_size, kv_heads, head_dim], and the same
+    memory as [slots, kv_heads, head_dim] for writes by slot."""
+
+    __slots__ = ("k", "v", "k_slots", "v_slots")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+        self.k_slots = k.view(-1, *k.shape[2:])
+        self.v_slots = v.view(-1, *v.shape[2:])
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.k_slots.index_copy_(0, slot_mapping, k)
+        self.v_slots.index_copy_(0, slot_mapping, v)
 
 
 @dataclass(slots=True)
@@ -52,22 +71,22 @@ class PrefillRun:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T]: pool slot (block * block_size + offset) of each new token
     num_decodes: int  # rows [0, num_decodes) are single-token sequences
-    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks], padded with any block id
+    # [num_decodes, max_blocks], padded with any block id: int32 for the kernel, else int64
+    decode_blocks: torch.Tensor | None
     decode_len: int  # keys attended by the longest decode
-    # [num_decodes, 1, 1, decode_len] additive; None when all decodes have decode_len keys
+    # Plain torch: [num_decodes, 1, 1, decode_len] additive; None when all decodes have
+    # decode_len keys. The kernel takes decode_lens instead.
     decode_mask: torch.Tensor | None
     prefills: list[PrefillRun]
+    decode_lens: torch.Tensor | None = None  # int32 [num_decodes]: keys of each decode
+    kernel: bool = False  # decodes run mmserve::paged_decode
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                     meta: AttentionMetadata) -> torch.Tensor:
-    """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]; cache: this layer's
-    [2, num_blocks, block_size, kv_heads, head_dim]. Writes k, v into the cache and returns
-    the attention output, [T, heads * head_dim]."""
-    _, _, _, num_kv_heads, head_dim = cache.shape
-    cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-    num_tokens, num_heads, _ = q.shape
+    """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim], already written into `cache`.
+    Returns the attention output, [T, heads * head_dim]."""
+    num_tokens, num_heads, head_dim = q.shape
     if meta.num_decodes == num_tokens:
         return _decode(q, cache, meta).view(num_tokens, -1)
     out = q.new_empty(num_tokens, num_heads, head_dim)
@@ -79,8 +98,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         if run.block_ids is None:
             kr, vr = k[run.start: run.end], v[run.start: run.end]
         else:
-            kr = _gather(cache[0], run.block_ids)[: run.context_len]
-            vr = _gather(cache[1], run.block_ids)[: run.context_len]
+            kr = _gather(cache.k, run.block_ids)[: run.context_len]
+            vr = _gather(cache.v, run.block_ids)[: run.context_len]
         o = F.scaled_dot_product_attention(
             qr, kr.transpose(0, 1).unsqueeze(0), vr.transpose(0, 1).unsqueeze(0),
             attn_mask=run.mask, is_causal=run.mask is None, enable_gqa=True)
@@ -94,12 +113,15 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, block_ids).flatten(0, 1)
 
 
-def _decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
     n, num_heads, head_dim = q.shape
-    num_kv_heads = cache.shape[3]
+    if meta.kernel:
+        return torch.ops.mmserve.paged_decode(q, cache.k, cache.v, meta.decode_blocks,
+                                              meta.decode_lens, head_dim ** -0.5)
+    num_kv_heads = cache.k.shape[2]
     blocks = meta.decode_blocks.flatten()
-    keys = _gather(cache[0], blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
-    values = _gather(cache[1], blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
+    keys = _gather(cache.k, blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
+    values = _gather(cache.v, blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     if q.is_cuda:
         # Query heads sharing a KV head attend together as that head's "query rows": no

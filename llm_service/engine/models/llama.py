@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_service.engine.models.attention import AttentionMetadata, KVCache, paged_attention
+from llm_service.engine.cpu_tuning import pack_weight, packed_linear
+from llm_service.engine.models.attention import (
+    AttentionMetadata, KVCache, LayerCache, paged_attention)
 from llm_service.engine.models.rope import RopeSpec, RotaryEmbedding, apply_rotary
 
 
@@ -43,7 +45,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                fused: bool = False) -> torch.Tensor:
+        """RMSNorm(x); with `residual`: adds x into it (in place) and normalises the sum."""
+        if fused:
+            if residual is None:
+                return torch.ops.mmserve.rms_norm(x, self.weight, self.eps)
+            return torch.ops.mmserve.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = residual.add_(x)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -69,7 +79,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_linear(x, self.packed, self.bias)
         if x.is_cuda:
             return F.linear(x, self.weight, self.bias)
         # Unpacked on CPU: (W @ x^T)^T runs faster in MKL than x @ W^T for a few rows.
@@ -78,14 +88,14 @@ class Linear(nn.Linear):
         return torch.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
 
 
-def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.float32
-            and torch.backends.mkldnn.is_available())
+@dataclass(slots=True)
+class StepRope:
+    """A step's rotary inputs: the tables and positions (fused ops) or the looked-up rows."""
 
-
-def pack_weight(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
-    """[out, in] weight in oneDNN's layout for `_linear_pointwise` (an opaque tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
+    positions: torch.Tensor  # [T] int64
+    table: RotaryEmbedding
+    cos: torch.Tensor | None = None  # [T, 1, rotary_dim]; plain-torch path only
+    sin: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -100,17 +110,40 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.gate_up = Linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias)
         self.down = Linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+        self.fused = False  # CPU kernels for the element-wise steps (DecoderLM.use_cpu_kernels)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        # contiguous: attention kernels want the head dim dense
-        qkv = self.qkv(self.input_norm(x)).contiguous().view(x.shape[0], -1, self.head_dim)
-        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
-        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
-        v = qkv[:, self.num_heads + self.num_kv_heads:]
-        x = x + self.o(paged_attention(q, k, v, cache, meta))
-        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+    def forward(self, h: torch.Tensor | None, residual: torch.Tensor, rope: StepRope,
+                cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
+        """h: the previous layer's output (None for the first layer); residual: the stream so
+        far, which h is added into (in place). Returns this layer's output."""
+        fused = self.fused
+        x = self.input_norm(residual, None, fused) if h is None else \
+            self.input_norm(h, residual, fused)
+        q, k, v = self._rotate_and_cache(self.qkv(x), rope, cache, meta)
+        h = self.o(paged_attention(q, k, v, cache, meta))
+        x = self.post_norm(h, residual, fused)
+        gate_up = self.gate_up(x)
+        if fused:
+            return self.down(torch.ops.mmserve.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    def _rotate_and_cache(self, qkv: torch.Tensor, rope: StepRope, cache: LayerCache,
+                          meta: AttentionMetadata):
+        """q, k, v views of the projected rows with rope applied; k and v go into the cache."""
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = qkv.contiguous()  # attention kernels want the head dim dense
+        if self.fused:
+            torch.ops.mmserve.rope_and_cache(qkv, rope.table.cos, rope.table.sin, rope.positions,
+                                             cache.k, cache.v, meta.slot_mapping, heads, kv_heads)
+            rows = qkv.view(qkv.shape[0], -1, self.head_dim)
+            return rows[:, :heads], rows[:, heads: heads + kv_heads], rows[:, heads + kv_heads:]
+        rows = qkv.view(qkv.shape[0], -1, self.head_dim)
+        qk = apply_rotary(rows[:, : heads + kv_heads], rope.cos, rope.sin)
+        q, k = qk.split((heads, kv_heads), dim=1)
+        v = rows[:, heads + kv_heads:]
+        cache.write(k, v, meta.slot_mapping)
+        return q, k, v
 
 
 class DecoderLM(nn.Module):
@@ -125,19 +158,30 @@ class DecoderLM(nn.Module):
             torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
         self.rotary: RotaryEmbedding | None = None
         self.packed_lm_head: torch.Tensor | None = None
+        self.fused = False
 
     def setup_rotary(self, max_len: int) -> None:
         weight = self.embed.weight
         self.rotary = RotaryEmbedding(self.spec.rope, max_len, weight.device, weight.dtype)
 
+    def use_cpu_kernels(self, enabled: bool = True) -> None:
+        """Runs norms, rope, the cache writes and silu-and-mul as the fused CPU kernels
+        (`cpu_kernels.load()` must have succeeded)."""
+        self.fused = enabled
+        for layer in self.layers:
+            layer.fused = enabled
+
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """[T, hidden] input embeddings -> [T, hidden] hidden states before the final norm."""
-        cos, sin = self.rotary.lookup(positions)
-        h = embeds
+        """[T, hidden] input embeddings -> [T, hidden] hidden states before the final norm.
+        `embeds` becomes the residual stream: it is updated in place."""
+        rope = StepRope(positions, self.rotary)
+        if not self.fused:
+            rope.cos, rope.sin = self.rotary.lookup(positions)
+        h = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv_cache.layer(i), meta)
-        return h
+            h = layer(h, embeds, rope, kv_cache.layer(i), meta)
+        return embeds.add_(h) if h is not None else embeds
 
     def prepack(self, batch_hint: int) -> None:
         """CPU: every projection and the lm_head move to oneDNN's packed layout (see Linear).
@@ -152,10 +196,9 @@ class DecoderLM(nn.Module):
             self.lm_head = nn.Parameter(self.lm_head.new_empty(0), requires_grad=False)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.norm(hidden)
+        hidden = self.norm(hidden.contiguous(), None, self.fused)
         if self.packed_lm_head is not None:
-            return torch.ops.mkldnn._linear_pointwise(hidden, self.packed_lm_head, None, "none",
-                                                      [], "")
+            return packed_linear(hidden, self.packed_lm_head, None)
         weight = self.embed.weight if self.lm_head is None else self.lm_head
         return F.linear(hidden, weight) if hidden.is_cuda else torch.mm(weight, hidden.t()).t()
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from llm_service.engine.cpu_tuning import can_prepack
 from llm_service.engine.models import FAMILIES
-from llm_service.engine.models.llama import DecoderLM, DecoderSpec, Family, can_prepack
+from llm_service.engine.models.llama import DecoderLM, DecoderSpec, Family
 from llm_service.engine.models.rope import RopeSpec
 
 

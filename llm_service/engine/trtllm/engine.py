@@ -28,9 +28,10 @@ from llm_service.engine.protocol import (
     FinishReason,
 )
 from llm_service.engine.trtllm.bindings import load_bindings
+from llm_service.engine.trtllm.features import BindingFeatures
 from llm_service.engine.trtllm.options import EngineLayout, TrtllmOptions
 from llm_service.engine.trtllm.pump import ResponsePump
-from llm_service.engine.trtllm.requests import build_request, supports_perf_metrics
+from llm_service.engine.trtllm.requests import build_request
 from llm_service.engine.trtllm.stats import to_engine_stats
 from llm_service.engine.trtllm.stream import RequestStream, finish_reason_map
 
@@ -43,8 +44,9 @@ class TrtllmEngine(EngineClient):
         self._layout = layout
         self._b = bindings
         self._finish = finish_reason_map(bindings)
-        self._perf_metrics = supports_perf_metrics(bindings)  # per-request KV reuse
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._features = BindingFeatures.probe(bindings)
+        # Prompt tables stay on the host; pinned (which needs CUDA) for the executor's DMA.
+        self._pin_tables = torch.cuda.is_available()
         self._executor: Any = None  # the bindings' Executor once started
         self._pump: ResponsePump | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -184,9 +186,15 @@ class TrtllmEngine(EngineClient):
             raise Unavailable("the TensorRT-LLM engine is not running")
         if request.request_id in self._streams:
             raise InvalidRequest(f"request id {request.request_id!r} is already running")
-        trt_request, max_tokens = build_request(
+        n, queue = request.sampling.n, self._options.max_queue_size
+        if queue is not None and n > queue:
+            # The executor queues each choice as a request of its own (child requests), so
+            # such a request could never be admitted.
+            raise InvalidRequest(f"n = {n} choices take {n} places in the engine queue, which "
+                                 f"holds {queue}; ask for at most {queue}")
+        trt_request, table, max_tokens = build_request(
             self._b, request, self._layout, self.max_model_len, self._options.streaming,
-            self._options.pad_id, self._device, perf_metrics=self._perf_metrics)
+            self._options.pad_id, self._features, pin=self._pin_tables)
         try:
             executor_id = self._executor.enqueue_request(request=trt_request)
         except Exception as exc:
@@ -197,7 +205,7 @@ class TrtllmEngine(EngineClient):
         stream = RequestStream(name=request.request_id, executor_id=executor_id,
                                prompt_len=len(request.prompt_token_ids), max_tokens=max_tokens,
                                n=request.sampling.n,
-                               tokens_per_block=self._layout.tokens_per_block)
+                               tokens_per_block=self._layout.tokens_per_block, table=table)
         self._streams[stream.name] = stream
         self._by_executor_id[executor_id] = stream
         return stream

@@ -140,7 +140,7 @@ class EngineLayout:
         paged = plugins.get("paged_kv_cache") or kv_cache_type == "paged"
         if not paged:
             raise ValueError(f"{path}: the engine was built without a paged KV cache; "
-                             "rebuild with trtllm-build --paged_kv_cache enable")
+                             "rebuild with trtllm-build --kv_cache_type paged")
         dtype = pretrained.get("dtype")
         if dtype not in ENGINE_DTYPES:
             raise ValueError(f"{path}: unsupported engine dtype {dtype!r}; "

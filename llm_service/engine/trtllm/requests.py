@@ -4,6 +4,10 @@ Media embeddings travel as a per-request prompt table: the rows of all spans, in
 order, form one `[rows, hidden]` table in the engine dtype, and the prompt positions they
 replace get the ids `vocab_size + i` for row i. The executor copies each request's table
 into its own slice of the engine's table, so ids restart at `vocab_size` in every request.
+
+Tables stay in host memory (pinned where CUDA is present): the executor copies them to the
+GPU itself (`LlmRequest::movePromptEmbeddingTableToGpu`), and a CUDA tensor made here would
+come from torch's caching allocator, outside the memory the executor sized its KV cache from.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from llm_service.engine.errors import InvalidRequest
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
+from llm_service.engine.trtllm.features import BindingFeatures
 from llm_service.engine.trtllm.options import EngineLayout
 from llm_service.engine.validation import Limits, validate_request
 
@@ -39,9 +44,13 @@ def media_extra_id(content_hash: str) -> int:
 
 
 def build_prompt_table(prompt_token_ids: list[int], spans: tuple[EmbeddingSpan, ...],
-                       layout: EngineLayout, device: torch.device | str = "cpu") -> PromptTable:
-    """The prompt with fake ids at the spans (whose geometry validate_request checked) and
-    their rows as one table; refuses what the engine's prompt table cannot hold."""
+                       layout: EngineLayout, pin: bool = False) -> PromptTable:
+    """The request's ids with fake ids at the media slots (whose geometry validate_request
+    checked), its host table and extra ids; refuses what the engine's prompt table cannot
+    hold.
+
+    pin: page-lock the table (needs CUDA), so the executor's copy to the GPU is a DMA.
+    """
     if not spans:
         return PromptTable(list(prompt_token_ids), None, None)
     ordered = sorted(spans, key=lambda s: s.start)
@@ -53,8 +62,8 @@ def build_prompt_table(prompt_token_ids: list[int], spans: tuple[EmbeddingSpan, 
         ids[span.start:span.end] = range(first, first + span.length)
         extra_ids[span.start:span.end] = [media_extra_id(span.content_hash)] * span.length
         row += span.length
-    table = torch.cat([span.embeddings.to(layout.dtype) for span in ordered]).contiguous()
-    return PromptTable(ids, table.to(device), extra_ids)
+    table = torch.cat([span.embeddings.to("cpu", layout.dtype) for span in ordered]).contiguous()
+    return PromptTable(ids, table.pin_memory() if pin else table, extra_ids)
 
 
 def _check_capacity(ordered: list[EmbeddingSpan], layout: EngineLayout) -> None:
@@ -70,10 +79,11 @@ def _check_capacity(ordered: list[EmbeddingSpan], layout: EngineLayout) -> None:
             "send fewer or smaller images")
 
 
-def sampling_config(b: ModuleType, sp: SamplingParams):
+def sampling_config(b: ModuleType, sp: SamplingParams, features: BindingFeatures):
     """SamplingConfig with only the fields that differ from the runtime defaults.
 
-    Unset fields stay None so older bindings (which lack e.g. min_p) still accept the call.
+    Unset fields stay None so older bindings (which lack e.g. min_p) still accept the call;
+    a request that needs a field the binding lacks is an InvalidRequest.
     """
     kwargs: dict = {}
     if sp.greedy:
@@ -85,6 +95,8 @@ def sampling_config(b: ModuleType, sp: SamplingParams):
         if sp.top_p < 1.0:
             kwargs["top_p"] = sp.top_p
         if sp.min_p > 0.0:
+            if not features.min_p:
+                raise InvalidRequest(features.missing("min_p", "send the request without min_p"))
             kwargs["min_p"] = sp.min_p
     if sp.seed is not None:
         kwargs["seed"] = sp.seed
@@ -97,6 +109,9 @@ def sampling_config(b: ModuleType, sp: SamplingParams):
     if sp.frequency_penalty:
         kwargs["frequency_penalty"] = sp.frequency_penalty
     if sp.n > 1:
+        if not features.num_return_sequences:
+            raise InvalidRequest(features.missing(f"n = {sp.n} (several choices per request)",
+                                                  "send n = 1"))
         kwargs["num_return_sequences"] = sp.n
     return b.SamplingConfig(beam_width=1, **kwargs)
 
@@ -107,24 +122,18 @@ def executor_priority(priority: int) -> float:
     return 0.5 + 0.5 * math.tanh(priority / 32)
 
 
-def supports_perf_metrics(b: ModuleType) -> bool:
-    """Whether this binding can report per-request KV reuse (OutputConfig.return_perf_metrics,
-    TensorRT-LLM 0.17 and later)."""
-    try:
-        b.OutputConfig(return_perf_metrics=True)
-    except TypeError:
-        return False
-    return True
-
-
 def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, max_model_len: int,
-                  streaming: bool, pad_id: int | None, device: torch.device | str = "cpu",
-                  perf_metrics: bool = False):
-    """Validates the request against the engine limits; returns (executor Request, max_tokens).
+                  streaming: bool, pad_id: int | None, features: BindingFeatures | None = None,
+                  pin: bool = False):
+    """Validates the request against the engine limits; returns (executor Request, prompt table,
+    max_tokens).
 
-    max_tokens is returned because older bindings do not expose it on the Request.
-    perf_metrics: ask for per-request KV metrics (the prompt tokens served from reused blocks).
+    The prompt table (or None) must outlive the request: the executor copies it to the GPU
+    asynchronously. max_tokens is returned because older bindings do not expose it on the
+    Request. With `features.perf_metrics` the request asks for per-request KV metrics (the
+    prompt tokens served from reused blocks).
     """
+    features = features or BindingFeatures.probe(b)
     prompt_len = len(request.prompt_token_ids)
     validate_request(request, Limits(max_model_len, layout.vocab_size, layout.hidden_size,
                                      layout.max_batch_size, max_input_len=layout.max_input_len))
@@ -132,7 +141,7 @@ def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, m
         raise InvalidRequest("top_logprobs is not available with the TensorRT-LLM engine, which "
                              "returns the log probability of each chosen token only; ask for "
                              "logprobs without top_logprobs")
-    prompt = build_prompt_table(request.prompt_token_ids, request.spans, layout, device)
+    prompt = build_prompt_table(request.prompt_token_ids, request.spans, layout, pin)
     sp = request.sampling
     eos = request.eos_token_ids
     # end_id -1 never matches, which is how TensorRT-LLM ignores EOS; further EOS ids and
@@ -145,13 +154,13 @@ def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, m
                                       input_token_extra_ids=prompt.extra_ids)
     max_tokens = min(sp.max_tokens, max_model_len - prompt_len)
     output = {"return_log_probs": sp.logprobs is not None, "exclude_input_from_output": True}
-    if perf_metrics:
+    if features.perf_metrics:
         output["return_perf_metrics"] = True
     kwargs = dict(
         input_token_ids=prompt.input_token_ids,
         max_tokens=max_tokens,
         streaming=streaming,
-        sampling_config=sampling_config(b, sp),
+        sampling_config=sampling_config(b, sp, features),
         output_config=b.OutputConfig(**output),
         end_id=end_id,
         pad_id=pad_id if pad_id is not None else max(end_id, 0),
@@ -160,9 +169,10 @@ def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, m
         prompt_tuning_config=tuning,
     )
     if not request.priority:  # bindings older than the priority argument take the rest
-        return b.Request(**kwargs), max_tokens
+        return b.Request(**kwargs), prompt.table, max_tokens
     try:
-        return b.Request(**kwargs, priority=executor_priority(request.priority)), max_tokens
+        trt_request = b.Request(**kwargs, priority=executor_priority(request.priority))
+        return trt_request, prompt.table, max_tokens
     except TypeError:
         raise InvalidRequest("this TensorRT-LLM version has no request priorities; send the "
                              "request without a priority") from None

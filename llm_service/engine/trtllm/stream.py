@@ -35,6 +35,9 @@ class RequestStream:
     n: int
     tokens_per_block: int = 0
     cached_tokens: int = 0  # prompt tokens in reused KV blocks, when the executor reports it
+    # The request's prompt table: the executor copies it to the GPU asynchronously, so it is
+    # kept until the request ends (pinned host memory freed early could be handed out again).
+    table: object = None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     counts: list[int] = field(default_factory=list)
     open: set[int] = field(default_factory=set)

@@ -47,7 +47,7 @@ async def test_concurrent_requests_match_transformers(smollm2, cases, config):
         for case, (tokens, _) in zip(cases, results):
             assert tokens == case.expected
         if config == "preemption":
-            assert engine._scheduler.num_preemptions > 0
+            assert engine.stats().num_preemptions > 0
         stats = engine.stats()
         assert (stats.kv_blocks_used, stats.running, stats.waiting) == (0, 0, 0)
     finally:
@@ -71,3 +71,27 @@ async def test_the_second_turn_reuses_the_first_turns_blocks(smollm2, cases):
         assert outputs[0].num_cached_tokens == shared // 16 * 16 > 0
     finally:
         await engine.shutdown()
+
+
+async def test_bf16_greedy_agrees_with_fp32(smollm2, cases):
+    """bf16 (packed weights, bf16 KV cache) against fp32 on the test prompts. Exact equality
+    is not expected. Measured here: 6 of the 10 answers equal over all their tokens, 106 of
+    135 tokens equal before each answer's first difference (78%). Held: half the answers
+    equal, and 70% of the tokens."""
+    engine = TorchEngine(EngineConfig(model_dir=smollm2.path, dtype="bfloat16"))
+    await engine.start()
+    try:
+        assert engine.dtype == "bfloat16"
+        results = await asyncio.gather(*(
+            generate(engine, request(f"r{i}", case)) for i, case in enumerate(cases)))
+    finally:
+        await engine.shutdown()
+    agreed = []
+    for case, (tokens, _) in zip(cases, results):
+        same = next((i for i, (a, b) in enumerate(zip(tokens, case.expected)) if a != b),
+                    min(len(tokens), len(case.expected)))
+        agreed.append(same)
+    print(f"bf16 vs fp32 greedy: tokens agreeing before the first difference {agreed} "
+          f"of {[len(c.expected) for c in cases]}")
+    assert sum(n == len(c.expected) for n, c in zip(agreed, cases)) >= len(cases) // 2
+    assert sum(agreed) >= 0.7 * sum(len(c.expected) for c in cases)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 
 import pytest
 import torch
 from tiny_checkpoints import DIMS, VOCAB
 
-from llm_service.engine.async_engine import TorchEngine
+from llm_service.engine.async_engine import TorchEngine, merge_outputs
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
 from llm_service.engine.protocol import (
@@ -30,7 +32,7 @@ async def make_engine(tiny_llama):
 
     async def make(**overrides) -> TorchEngine:
         options = dict(model_dir=tiny_llama.path, block_size=4, kv_cache_bytes=1 << 21,
-                       max_num_seqs=8, max_num_batched_tokens=32)
+                       max_num_seqs=8, max_num_batched_tokens=32, placement="thread")
         engine = TorchEngine(EngineConfig(**{**options, **overrides}))
         await engine.start()
         engines.append(engine)
@@ -67,7 +69,7 @@ class Gate:
         self._arrived = threading.Semaphore(0)
         self._allowed = threading.Semaphore(0)
         self.closed = True
-        inner = engine._runner.execute
+        inner = engine._core.core.runner.execute
 
         def execute(step):
             if self.closed:
@@ -75,7 +77,7 @@ class Gate:
                 self._allowed.acquire()
             return inner(step)
 
-        engine._runner.execute = execute
+        engine._core.core.runner.execute = execute
 
     async def reached(self) -> None:
         assert await asyncio.to_thread(self._arrived.acquire, timeout=10)
@@ -284,12 +286,12 @@ async def test_closing_the_stream_early_aborts(make_engine):
     await stream.__anext__()
     await stream.aclose()
     await eventually(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
-    assert engine._scheduler.requests == {}
+    assert engine._core.core.scheduler.requests == {}
 
 
 async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(make_engine):
     engine = await make_engine()
-    inner = engine._runner.execute
+    inner = engine._core.core.runner.execute
     calls = []
 
     def execute(step):
@@ -298,7 +300,7 @@ async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(make_engi
             raise RuntimeError("kernel exploded")
         return inner(step)
 
-    engine._runner.execute = execute
+    engine._core.core.runner.execute = execute
     outputs = await collect(engine, EngineRequest("a", [1, 2, 3], GREEDY))
     assert outputs[-1].finish_reason == FinishReason.ABORT
     assert "kernel exploded" in outputs[-1].error
@@ -312,7 +314,7 @@ async def test_a_fatal_error_fails_everything_and_marks_the_engine_dead(make_eng
     def broken_update(step, result):
         raise RuntimeError("scheduler state corrupted")
 
-    engine._scheduler.update = broken_update
+    engine._core.core.scheduler.update = broken_update
     outputs = await collect(engine, EngineRequest("a", [1, 2, 3], SamplingParams(n=2)))
     assert {o.index for o in outputs} == {0, 1}
     assert all(o.finish_reason == FinishReason.ABORT and "corrupted" in o.error for o in outputs)
@@ -380,10 +382,88 @@ async def test_shutdown_aborts_running_requests(make_engine):
 
 
 async def test_a_missing_checkpoint_fails_start(tmp_path):
-    engine = TorchEngine(EngineConfig(model_dir=tmp_path))
+    engine = TorchEngine(EngineConfig(model_dir=tmp_path, placement="thread"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         await engine.start()
     assert not engine.healthy
     with pytest.raises(EngineDead, match="failed to start"):
         await engine.generate(EngineRequest("a", [1], GREEDY)).__anext__()
     await engine.shutdown()
+
+
+# --- the engine in its own process (the default placement) -----------------------------------
+
+async def test_in_its_own_process_the_engine_gives_the_same_tokens(make_engine, tiny_llama):
+    engine = await make_engine(placement="process", max_num_batched_tokens=16)
+    assert engine._core.process.pid != os.getpid()
+    rows = torch.randn(8, DIMS["hidden_size"], generator=torch.Generator().manual_seed(0))
+    ids = [11, 12] + [300] * 8 + [13, 14, 15]
+    plain = [prompt(i, n) for i, n in enumerate((5, 13, 29))]
+    with_span = EngineRequest("span", ids, GREEDY, spans=(EmbeddingSpan(2, rows, "sha-a"),))
+    results = await asyncio.gather(
+        collect(engine, with_span),
+        *(collect(engine, EngineRequest(f"r{i}", p, GREEDY)) for i, p in enumerate(plain)))
+    ref = tiny_llama.reference
+    expected_span = ref.generate(inputs_embeds=embeds_with_span(ref, ids, 2, rows),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0].tolist()
+    assert tokens(results[0]) == expected_span  # the rows crossed into the process intact
+    for p, outputs in zip(plain, results[1:]):
+        assert tokens(outputs) == hf_greedy(ref, p, 8)
+    stats = engine.stats()
+    assert (stats.kv_blocks_used, stats.running, stats.waiting) == (0, 0, 0)
+    assert stats.kv_blocks_total > 0 and stats.step_time_ms > 0
+
+
+async def test_in_its_own_process_an_abort_frees_the_blocks(make_engine):
+    engine = await make_engine(placement="process")
+    stream = engine.generate(EngineRequest("a", prompt(5, 9), SamplingParams(max_tokens=10_000)))
+    await stream.__anext__()
+    await stream.aclose()
+    await eventually(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
+    assert len(tokens(await collect(engine, EngineRequest("b", [1, 2, 3], GREEDY)))) == 8
+
+
+async def test_a_killed_engine_process_fails_its_requests_and_the_engine(make_engine):
+    engine = await make_engine(placement="process")
+    stream = engine.generate(EngineRequest("a", [1, 2], SamplingParams(max_tokens=10_000)))
+    await stream.__anext__()
+    os.kill(engine._core.process.pid, signal.SIGKILL)
+    outputs = [out async for out in stream]
+    assert outputs[-1].finish_reason == FinishReason.ABORT
+    assert "engine process exited" in outputs[-1].error
+    assert not engine.healthy
+    with pytest.raises(EngineDead, match="exited"):
+        await engine.generate(EngineRequest("b", [1], GREEDY)).__anext__()
+
+
+async def test_in_its_own_process_a_bad_checkpoint_fails_start(tmp_path):
+    engine = TorchEngine(EngineConfig(model_dir=tmp_path, placement="process"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        await engine.start()
+    assert not engine.healthy
+    await engine.shutdown()
+
+
+def test_merged_outputs_keep_each_choice_in_order():
+    out = lambda index, token, finish=None, n=1: EngineOutput(  # noqa: E731
+        "r", index, [token], finish, num_output_tokens=n)
+    merged = merge_outputs([out(0, 5, n=1), out(1, 7, n=1), out(0, 6, n=2),
+                            out(1, 8, FinishReason.STOP, n=2)])
+    assert [(m.index, m.new_token_ids, m.finish_reason, m.num_output_tokens) for m in merged] == [
+        (0, [5, 6], None, 2), (1, [7, 8], FinishReason.STOP, 2)]
+
+
+async def test_a_reader_that_falls_behind_gets_the_same_tokens_in_fewer_outputs(make_engine):
+    engine = await make_engine(placement="process")
+    p = prompt(12, 6)
+    sampling = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompt_only = tokens(await collect(engine, EngineRequest("fast", p, sampling)))
+    slow = []
+    async for out in engine.generate(EngineRequest("slow", p, sampling)):
+        slow.append(out)
+        await asyncio.sleep(0.05)  # a congested client: the engine runs ahead
+    assert tokens(slow) == prompt_only
+    assert len(slow) < 40 and max(len(o.new_token_ids) for o in slow) > 1
+    assert slow[-1].num_output_tokens == 40 and slow[-1].finish_reason == FinishReason.LENGTH

@@ -12,7 +12,7 @@ import pytest
 # Allocates and frees a 16 MiB tensor; reports glibc's mallinfo2 counters at each point.
 SCRIPT = """
 import ctypes, json, sys, torch
-from llm_service.engine.model_runner import keep_freed_memory
+from llm_service.engine.cpu_tuning import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

@@ -11,7 +11,7 @@ import torch
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.model_runner import ModelRunner
-from llm_service.engine.models.llama import can_prepack
+from llm_service.engine.cpu_tuning import can_prepack
 from llm_service.engine.models.loader import load_model, read_spec
 from llm_service.engine.outputs import ScheduledSequence
 from llm_service.engine.protocol import EngineRequest
@@ -20,11 +20,14 @@ from llm_service.engine.sequence import Sequence
 from tiny_checkpoints import VOCAB, save_checkpoint
 
 ATOL = 1e-4
-LONGROPE = {"original_max_position_embeddings": 64, "rope_parameters": {
-    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-    "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.5, 2.0, 3.0, 4.0]}}
-LLAMA3 = {"rope_parameters": {
-    "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+# Hub checkpoints' form (`rope_theta` + `rope_scaling`), which transformers 4.57 and 5.x both
+# take; 5.x saves it back as `rope_parameters`, so the engine reads both forms across the two.
+LONGROPE = {"original_max_position_embeddings": 64, "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5, "rope_scaling": {
+                "type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.2],
+                "long_factor": [1.5, 2.0, 3.0, 4.0]}}
+LLAMA3 = {"rope_theta": 50000.0, "rope_scaling": {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
 
 CASES = {
@@ -152,3 +155,20 @@ def test_unknown_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unsupported model"):
         make_runner(tmp_path)
+
+
+@pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.bfloat16),
+                    reason="this CPU or torch build has no native bf16 matmuls")
+def test_bf16_runs_prepacked_and_is_as_close_to_fp32_as_transformers_bf16(tmp_path):
+    reference = save_checkpoint(tmp_path, "llama", seed=6)
+    tokens = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    fp32 = reference_logits(reference, tokens)
+    hf_bf16 = reference_logits(reference.to(torch.bfloat16), tokens).float()
+    runner = make_runner(tmp_path, dtype="bfloat16")
+    assert runner.dtype == torch.bfloat16 and runner.kv_cache.pool.dtype == torch.bfloat16
+    assert runner.model.layers[0].qkv.packed is not None and runner.model.packed_lm_head is not None
+    ours = engine_logits(runner, tokens, [17, 1, 12]).float()
+    # bf16 keeps 8 bits of mantissa: both drift from fp32 by about as much
+    assert (ours - fp32).abs().max() <= 2 * (hf_bf16 - fp32).abs().max()
+    agree = lambda logits: (logits.argmax(-1) == fp32.argmax(-1)).sum().item()  # noqa: E731
+    assert agree(ours) >= agree(hf_bf16) - 2

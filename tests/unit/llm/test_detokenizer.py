@@ -62,3 +62,15 @@ def test_special_tokens_skipped_by_default(smollm2_tokenizer):
     ids = smollm2_tokenizer.encode("Paris.<|im_end|>", add_special_tokens=False)
     pieces, _ = stream(smollm2_tokenizer, ids)
     assert "".join(pieces) == "Paris."
+
+
+def test_several_tokens_at_once_stop_where_the_stop_string_ends(smollm2_tokenizer):
+    ids = smollm2_tokenizer.encode("The answer is 42. END of story", add_special_tokens=False)
+    one_by_one, _ = stream(smollm2_tokenizer, ids, stop=("END",))
+    detok = IncrementalDetokenizer(smollm2_tokenizer, stop=("END",))
+    delta = detok.add(ids)  # e.g. a stream that fell behind gets its tokens merged
+    assert delta.stopped and delta.text == "".join(one_by_one)
+    used = ids[: delta.consumed]
+    assert "END" in smollm2_tokenizer.decode(used)
+    assert "END" not in smollm2_tokenizer.decode(used[:-1])
+    assert IncrementalDetokenizer(smollm2_tokenizer).add(ids).consumed == len(ids)

@@ -17,20 +17,38 @@ def _trtllm_modules() -> list[str]:
             if name == "tensorrt_llm" or name.startswith("tensorrt_llm.")]
 
 
+VERSION_VARIABLE = "MMSERVE_FAKE_TRTLLM_VERSION"
+
+
 @pytest.fixture(autouse=True)
 def tle(monkeypatch):
-    """The fake `tensorrt_llm.bindings.executor`, importable for the duration of one test.
+    """The fake `tensorrt_llm.bindings.executor` (1.2 flavour), importable for one test.
 
     Any real tensorrt_llm already imported is set aside and restored afterwards, so the
     gpu tests in the same session still see the real package.
     """
     for name in _trtllm_modules():
         monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delenv(VERSION_VARIABLE, raising=False)
     monkeypatch.syspath_prepend(str(FAKES))
     module = importlib.import_module("tensorrt_llm.bindings.executor")
     yield module
     for name in _trtllm_modules():
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def fake_flavour(tle, monkeypatch):
+    """fake_flavour("0.13.0") re-imports the fake as that TensorRT-LLM version; returns the
+    executor module, or None where that version has no `tensorrt_llm.bindings.executor`."""
+
+    def load(version: str):
+        for name in _trtllm_modules():
+            sys.modules.pop(name, None)
+        monkeypatch.setenv(VERSION_VARIABLE, version)
+        return importlib.import_module("tensorrt_llm.bindings.executor")
+
+    return load
 
 
 def write_engine_dir(path: Path, *, vocab_size=1000, hidden_size=16, dtype="float16",

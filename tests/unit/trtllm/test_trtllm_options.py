@@ -58,7 +58,7 @@ def test_bad_options_are_rejected(tmp_path, options, message):
 def test_engine_dir_must_be_a_paged_trtllm_build(tmp_path, make_engine_dir):
     with pytest.raises(ValueError, match="config.json not found"):
         TrtllmEngine.from_options(tmp_path, {})
-    with pytest.raises(ValueError, match="--paged_kv_cache enable"):
+    with pytest.raises(ValueError, match="--kv_cache_type paged"):
         EngineLayout.read(make_engine_dir("contiguous", paged_kv_cache=False))
     layout = EngineLayout.read(make_engine_dir("ok", max_batch_size=2,
                                                max_prompt_embedding_table_size=13312))

@@ -101,8 +101,8 @@ def test_wrong_width_and_overlaps_are_refused(tle, layout):
 
 
 def test_greedy_sampling_maps_to_top_k_1(tle, layout):
-    request, _ = build_request(tle, EngineRequest("r", [1, 2, 3], SamplingParams(temperature=0.0)),
-                            layout, 320, streaming=True, pad_id=None)
+    greedy = EngineRequest("r", [1, 2, 3], SamplingParams(temperature=0.0))
+    request, _, _ = build_request(tle, greedy, layout, 320, streaming=True, pad_id=None)
     config = request.sampling_config
     assert (config.beam_width, config.top_k, config.top_p, config.temperature) == (1, 1, None, None)
 
@@ -111,7 +111,7 @@ def test_sampling_fields_map_one_to_one(tle, layout):
     sp = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, seed=3,
                         min_tokens=2, repetition_penalty=1.1, presence_penalty=0.5,
                         frequency_penalty=-0.5, logprobs=0, n=2)
-    request, _ = build_request(tle, EngineRequest("r", [1, 2, 3], sp), layout, 320, True, None)
+    request, _, _ = build_request(tle, EngineRequest("r", [1, 2, 3], sp), layout, 320, True, None)
     c = request.sampling_config
     assert (c.temperature, c.top_p, c.top_k, c.min_p, c.seed, c.min_tokens) == (
         0.7, 0.9, 40, 0.05, 3, 2)
@@ -124,17 +124,17 @@ def test_sampling_fields_map_one_to_one(tle, layout):
 
 def test_eos_and_stop_ids_become_end_id_and_stop_words(tle, layout):
     sp = SamplingParams(stop_token_ids=(5, 6, 2))
-    request, _ = build_request(tle, EngineRequest("r", [1, 2, 3], sp, eos_token_ids=(2, 9)),
+    request, _, _ = build_request(tle, EngineRequest("r", [1, 2, 3], sp, eos_token_ids=(2, 9)),
                             layout, 320, True, None)
     assert (request.end_id, request.pad_id) == (2, 2)
     assert request.stop_words == [[9], [5], [6], [2]]
-    ignoring, _ = build_request(tle, EngineRequest("r", [1, 2, 3], SamplingParams()), layout, 320,
-                                True, 0)
+    ignoring, _, _ = build_request(tle, EngineRequest("r", [1, 2, 3], SamplingParams()), layout,
+                                   320, True, 0)
     assert (ignoring.end_id, ignoring.pad_id, ignoring.stop_words) == (-1, 0, None)
 
 
 def test_lengths_are_checked_and_max_tokens_clamped(tle, layout):
-    request, max_tokens = build_request(
+    request, _, max_tokens = build_request(
         tle, EngineRequest("r", [1] * 100, SamplingParams(max_tokens=100)), layout, 120, True, None)
     assert request.max_tokens == max_tokens == 20
     with pytest.raises(InvalidRequest, match="at most 256"):
@@ -149,7 +149,7 @@ def test_priority_maps_onto_the_executor_range_in_order(tle, layout):
     assert mapped[levels.index(0)] == 0.5  # the executor's default
     assert all(0.0 <= m <= 1.0 for m in mapped)
     assert mapped == sorted(mapped) and len(set(mapped)) == len(mapped)
-    request, _ = build_request(tle, EngineRequest("r", [1, 2], priority=3), layout, 320, True,
+    request, _, _ = build_request(tle, EngineRequest("r", [1, 2], priority=3), layout, 320, True,
                                None)
     assert request.priority == executor_priority(3) > 0.5
 
@@ -163,7 +163,7 @@ def test_priority_on_a_binding_without_it_is_a_clear_error(tle, layout, monkeypa
         return original(*args, **kwargs)
 
     monkeypatch.setattr(tle, "Request", old_request)
-    request, _ = build_request(tle, EngineRequest("r", [1, 2]), layout, 320, True, None)
+    request, _, _ = build_request(tle, EngineRequest("r", [1, 2]), layout, 320, True, None)
     assert request.priority == 0.5  # no priority sent: the binding's default
     with pytest.raises(InvalidRequest, match="no request priorities"):
         build_request(tle, EngineRequest("r", [1, 2], priority=1), layout, 320, True, None)
@@ -173,7 +173,7 @@ def test_top_logprobs_are_refused_and_chosen_token_logprobs_asked_for(tle, layou
     with pytest.raises(InvalidRequest, match="top_logprobs"):
         build_request(tle, EngineRequest("r", [1, 2], SamplingParams(logprobs=2)), layout, 320,
                       True, None)
-    request, _ = build_request(tle, EngineRequest("r", [1, 2], SamplingParams(logprobs=0)),
-                               layout, 320, True, None, perf_metrics=True)
+    request, _, _ = build_request(tle, EngineRequest("r", [1, 2], SamplingParams(logprobs=0)),
+                                  layout, 320, True, None)
     assert request.output_config.return_log_probs is True
     assert request.output_config.return_perf_metrics is True

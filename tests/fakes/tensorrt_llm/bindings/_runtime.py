@@ -1,7 +1,9 @@
 """The fake executor: a deterministic "model" advanced one iteration per await_responses call.
 
 Behaviour copied from the real executor: request ids from enqueue_request, the queue-size
-error text, prompt-table checks (promptTuningBuffers.cpp messages), streaming results that
+error text with each of a request's n choices taking a queue place (executorImpl.cpp
+counts the child requests), prompt-table checks (promptTuningBuffers.cpp messages), the
+extra-ids rule with block reuse on (LlmRequest::validate; 1.x only), streaming results that
 carry only new tokens, END_ID not part of the output while stop words are, draining
 iteration stats, KV block reuse keyed on (token id, extra id) of full blocks (reported per
 request with return_perf_metrics), and a queue ordered by priority, first come first served
@@ -21,8 +23,12 @@ from pathlib import Path
 import torch
 
 from tensorrt_llm.bindings import executor as tle
+from tensorrt_llm.bindings._flavour import LEGACY
 
 instances: list[Executor] = []
+
+# Older bindings have no CANCELLED; their cancelled requests end NOT_FINISHED.
+CANCELLED = getattr(tle.FinishReason, "CANCELLED", tle.FinishReason.NOT_FINISHED)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -77,12 +83,13 @@ class Executor:
         with self._cond:
             if self.is_shutdown:
                 raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: Shutdown called")
+            n = getattr(request.sampling_config, "num_return_sequences", None) or 1
             limit = self.config.max_queue_size
-            if limit and limit > 0 and len(self._queued) + 1 > limit:
+            # The new request counts with its n - 1 children; queued ones count once each.
+            if limit and limit > 0 and len(self._queued) + n > limit:
                 raise RuntimeError(f"[TensorRT-LLM][ERROR] Maximum queue size of {limit} has "
                                    "been reached, please try again later")
-            request_id, self._next_id = self._next_id, self._next_id + 1
-            n = request.sampling_config.num_return_sequences or 1
+            request_id, self._next_id = self._next_id, self._next_id + n
             live = _Live(request_id, request, n)
             later = [i for i, q in enumerate(self._queued)
                      if q.request.priority < request.priority]
@@ -171,7 +178,7 @@ class Executor:
             if error:
                 responses.append(tle.Response(live.id, error))
             elif live.cancelled:
-                responses += self._finish_all(live, tle.FinishReason.CANCELLED)
+                responses += self._finish_all(live, CANCELLED)
             else:
                 responses += self._advance(live)
             if error or all(r is not None for r in live.reasons):
@@ -198,10 +205,15 @@ class Executor:
                         "max_prompt_embedding_table_size / max_batch_size.")
             if table.dtype != self.dtype:
                 return "Request embedding table data type doesn't match model weight data type."
+            reuse = self.config.kv_cache_config.enable_block_reuse
+            if reuse and not LEGACY and tuning.input_token_extra_ids is None:
+                return ("Input token extra ids must be provided when enabling kv cache reuse "
+                        "with prompt table")
             if tuning.input_token_extra_ids is not None:
                 extra = list(tuning.input_token_extra_ids)
                 if len(extra) != len(ids):
-                    return "input_token_extra_ids must have one id per input token"
+                    return (f"inputTokenExtraIds vector size ({len(extra)}) must be the same as "
+                            f"input token vector size ({len(ids)}).")
         fake = [t - self.vocab_size for t in ids if t >= self.vocab_size]
         if fake and (table is None or max(fake) >= table.shape[0]):
             return f"input token id {max(fake) + self.vocab_size} is outside the vocabulary"
@@ -269,9 +281,11 @@ class Executor:
         result = tle.Result(
             is_final=all(r is not None for r in live.reasons),
             output_token_ids=[tokens],
-            finish_reasons=[reason or tle.FinishReason.NOT_FINISHED],
-            sequence_index=k, is_sequence_final=done, decoding_iter=len(live.tokens[k]))
-        if request.output_config.return_perf_metrics:
+            finish_reasons=[reason or tle.FinishReason.NOT_FINISHED])
+        if not LEGACY:
+            result.sequence_index, result.is_sequence_final = k, done
+            result.decoding_iter = len(live.tokens[k])
+        if getattr(request.output_config, "return_perf_metrics", False):
             reused = self.reused_by_request.get(live.id, 0)
             total = -(-len(request.input_token_ids) // self.tokens_per_block)
             result.request_perf_metrics = tle.RequestPerfMetrics(
@@ -294,8 +308,10 @@ class Executor:
         kv = tle.KvCacheStats(
             max_num_blocks=self.max_blocks, free_num_blocks=self.max_blocks - used,
             used_num_blocks=used, tokens_per_block=size, alloc_total_blocks=total,
-            alloc_new_blocks=self._missed, reused_blocks=self._reused, missed_blocks=self._missed,
-            cache_hit_rate=self._reused / total if total else 0.0)
+            alloc_new_blocks=self._missed, reused_blocks=self._reused)
+        if not LEGACY:
+            kv.missed_blocks = self._missed
+            kv.cache_hit_rate = self._reused / total if total else 0.0
         self._stats.append(tle.IterationStats(
             iter=self._iter, iter_latency_ms=(time.monotonic() - started) * 1e3,
             num_active_requests=len(self._active), num_queued_requests=len(self._queued),

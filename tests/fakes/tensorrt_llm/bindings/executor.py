@@ -1,8 +1,9 @@
 """Fake `tensorrt_llm.bindings.executor` with the real binding's names and keyword arguments.
 
 Signatures follow TensorRT-LLM's pybind/nanobind executor bindings (request.cpp,
-executorConfig.cpp, executor.cpp): `*` marks where the real binding is keyword-only.
-The simulated runtime lives in `_runtime.py`.
+executorConfig.cpp, executor.cpp of the 1.x lines): `*` marks where the real binding is
+keyword-only. The older flavour swaps in the classes of `_legacy.py`; the post-1.2 flavour
+has no `Executor`. The simulated runtime lives in `_runtime.py`.
 """
 
 from __future__ import annotations
@@ -247,6 +248,18 @@ class IterationStats:
     inflight_batching_stats: InflightBatchingStats | None = None
 
 
-from tensorrt_llm.bindings._runtime import Executor, instances  # noqa: E402
+from tensorrt_llm.bindings._flavour import LEGACY, NO_EXECUTOR  # noqa: E402
+
+if LEGACY:
+    from tensorrt_llm.bindings import _legacy
+
+    FinishReason, SamplingConfig, OutputConfig = (
+        _legacy.FinishReason, _legacy.SamplingConfig, _legacy.OutputConfig)
+    KvCacheConfig, Result, KvCacheStats = (
+        _legacy.KvCacheConfig, _legacy.Result, _legacy.KvCacheStats)
+    Request = _legacy.request_class(Request)
+
+if not NO_EXECUTOR:
+    from tensorrt_llm.bindings._runtime import Executor, instances
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,177 @@
+"""Streamed OpenAI requests against a running server, timed per request; process-tree memory.
+
+Shared by the benchmarks that measure whole servers (ours and peers) from the outside, the
+way a client sees them: time to the first text, inter-token latency, tokens per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass(slots=True)
+class Timing:
+    """One streamed request as the client saw it."""
+
+    status: int
+    started: float
+    first_text: float | None = None  # first chunk carrying text
+    ended: float = 0.0
+    tokens: int = 0  # completion tokens (usage), or text chunks when the server sends none
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_text is None else self.first_text - self.started
+
+    @property
+    def itl(self) -> float | None:
+        """Mean gap between tokens after the first (time per output token)."""
+        if self.first_text is None or self.tokens < 2:
+            return None
+        return (self.ended - self.first_text) / (self.tokens - 1)
+
+
+async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> Timing:
+    """POSTs a streaming request and reads its SSE events to the end."""
+    timing = Timing(0, time.perf_counter())
+    chunks = usage = 0
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            timing.status = response.status_code
+            if response.status_code != 200:
+                timing.error = (await response.aread()).decode(errors="replace")[:200]
+                return timing
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                for choice in event.get("choices") or ():
+                    text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if text:
+                        chunks += 1
+                        if timing.first_text is None:
+                            timing.first_text = time.perf_counter()
+                if event.get("usage"):
+                    usage = event["usage"].get("completion_tokens", 0)
+                if "error" in event:
+                    timing.error = str(event["error"])[:200]
+    except httpx.HTTPError as exc:
+        timing.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        timing.ended = time.perf_counter()
+    timing.tokens = usage or chunks
+    return timing
+
+
+@dataclass(slots=True)
+class LoadResult:
+    timings: list[Timing]
+    seconds: float
+
+    @property
+    def ok(self) -> list[Timing]:
+        return [t for t in self.timings if t.status == 200 and t.error is None]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(t.tokens for t in self.ok) / self.seconds if self.seconds else 0.0
+
+    def ttfts(self) -> list[float]:
+        return [t.ttft for t in self.ok if t.ttft is not None]
+
+    @property
+    def mean_ttft(self) -> float:
+        values = self.ttfts()
+        return statistics.mean(values) if values else float("nan")
+
+    @property
+    def p99_ttft(self) -> float:
+        return percentile(self.ttfts(), 99)
+
+    @property
+    def mean_itl(self) -> float:
+        values = [t.itl for t in self.ok if t.itl is not None]
+        return statistics.mean(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+async def closed_loop(base_url: str, path: str, bodies: list[dict], concurrency: int,
+                      headers: dict | None = None, timeout: float = 600.0) -> LoadResult:
+    """`concurrency` clients take the bodies in order, each sending its next request as soon
+    as its previous one ended."""
+    pending = iter(bodies)
+    timings: list[Timing] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits,
+                                 headers=headers) as client:
+        async def worker() -> None:
+            for body in pending:
+                timings.append(await stream_one(client, path, body))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return LoadResult(timings, seconds)
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+@dataclass
+class PeakRss:
+    """Samples a process tree's RSS in the background while in use: `with PeakRss(pid) as p:`."""
+
+    root: int
+    interval: float = 0.25
+    peak: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakRss:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes(self.root))
+            self._stop.wait(self.interval)

@@ -1,0 +1,158 @@
+"""The C++ CPU kernels against the plain-torch path they replace (the reference).
+
+Random block tables with ragged context lengths, grouped-query attention and several block
+sizes, in fp32 and bf16; then a whole model with the kernels against the same model in plain
+torch, so a bypassed or wrong kernel fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_service.engine import cpu_kernels
+from llm_service.engine.models.attention import AttentionMetadata, LayerCache, _decode
+from llm_service.engine.models.llama import RMSNorm
+from llm_service.engine.models.rope import RopeSpec, RotaryEmbedding, apply_rotary
+
+from tiny_checkpoints import VOCAB, save_checkpoint
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.load(),
+                                reason=f"CPU kernels cannot be built: {cpu_kernels.error()}")
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def _tables(lengths: list[int], block_size: int, num_blocks: int, g: torch.Generator):
+    width = -(-max(lengths) // block_size)
+    # every sequence gets distinct random blocks; the padding points at real blocks too
+    return torch.stack([torch.randperm(num_blocks, generator=g)[:width]
+                        for _ in lengths]).to(torch.int32)
+
+
+def _reference_decode(q, cache: LayerCache, tables, lengths):
+    longest = max(lengths)
+    valid = torch.arange(longest).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    mask = torch.zeros(len(lengths), longest, dtype=q.dtype).masked_fill_(~valid, float("-inf"))
+    meta = AttentionMetadata(torch.empty(0), len(lengths), tables.long(), longest,
+                             mask.view(len(lengths), 1, 1, -1), [])
+    return _decode(q, cache, meta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 4, 16, 32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 1, 128)])
+def test_paged_decode_matches_plain_torch(dtype, block_size, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(block_size * 131 + heads)
+    num_blocks = 200 // block_size + 40
+    pool = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    cache = LayerCache(pool[0], pool[1])
+    lengths = [1, 2, block_size, block_size + 1, 77, 150, 3]
+    tables = _tables(lengths, block_size, num_blocks, g)
+    q = torch.randn(len(lengths), heads, head_dim, generator=g).to(dtype)
+    got = torch.ops.mmserve.paged_decode(q, cache.k, cache.v, tables,
+                                         torch.tensor(lengths, dtype=torch.int32),
+                                         head_dim ** -0.5)
+    expected = _reference_decode(q, cache, tables, lengths)
+    torch.testing.assert_close(got.float(), expected.float(), **TOL[dtype])
+
+
+def test_paged_decode_reads_a_strided_query_and_only_its_own_blocks():
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(2, 30, 4, 2, 16, generator=g)
+    cache = LayerCache(pool[0], pool[1])
+    rows = torch.randn(3, 4 + 2 * 2, 16, generator=g)  # fused qkv rows: q is a strided view
+    q = rows[:, :4]
+    lengths, tables = [5, 9, 1], _tables([5, 9, 1], 4, 30, g)
+    expected = _reference_decode(q.contiguous(), cache, tables, lengths)
+    # poisoning every block no sequence reads changes nothing
+    used = {int(b) for s, n in enumerate(lengths) for b in tables[s, : -(-n // 4)]}
+    for b in set(range(30)) - used:
+        pool[:, b] = float("nan")
+    got = torch.ops.mmserve.paged_decode(q, cache.k, cache.v, tables,
+                                         torch.tensor(lengths, dtype=torch.int32), 0.25)
+    torch.testing.assert_close(got, expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("lengths,table,message", [
+    ([9], [[0, 1]], "outside \\[1, 8\\]"),
+    ([0], [[0, 1]], "outside \\[1, 8\\]"),
+    ([5], [[0, 99]], "is not a block of the cache"),
+    ([5], [[-1, 0]], "is not a block of the cache"),
+])
+def test_paged_decode_refuses_tables_it_would_read_outside(lengths, table, message):
+    pool = torch.zeros(2, 4, 4, 1, 8)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.mmserve.paged_decode(torch.zeros(1, 1, 8), pool[0], pool[1],
+                                       torch.tensor(table, dtype=torch.int32),
+                                       torch.tensor(lengths, dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_match_plain_torch(dtype):
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(96, 1e-6)
+    norm.weight.data = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    x = torch.randn(37, 96, generator=g).to(dtype)
+    residual = torch.randn(37, 96, generator=g).to(dtype)
+    torch.testing.assert_close(norm(x, None, True), norm(x, None, False), **TOL[dtype])
+    r_kernel, r_torch = residual.clone(), residual.clone()
+    got, expected = norm(x, r_kernel, True), norm(x, r_torch, False)
+    assert torch.equal(r_kernel, r_torch)  # the residual add rounds exactly like torch's
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rotary_dim", [16, 8])  # whole head; partial (Phi-3 style)
+def test_rope_and_cache_matches_plain_torch(dtype, rotary_dim):
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads, head_dim, rows = 4, 2, 16, 11
+    rope = RotaryEmbedding(RopeSpec(theta=10000.0, rotary_dim=rotary_dim), 64,
+                           torch.device("cpu"), dtype)
+    positions = torch.randint(0, 64, (rows,), generator=g)
+    slots = torch.randperm(40, generator=g)[:rows]
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    pool = torch.zeros(2, 10, 4, kv_heads, head_dim, dtype=dtype)
+    cache = LayerCache(pool[0], pool[1])
+
+    cos, sin = rope.lookup(positions)
+    ref_rows = qkv.view(rows, -1, head_dim)
+    ref_qk = apply_rotary(ref_rows[:, : heads + kv_heads], cos, sin)
+    got = qkv.clone()
+    torch.ops.mmserve.rope_and_cache(got, rope.cos, rope.sin, positions, cache.k, cache.v,
+                                     slots, heads, kv_heads)
+    got_rows = got.view(rows, -1, head_dim)
+    torch.testing.assert_close(got_rows[:, : heads + kv_heads], ref_qk, **TOL[dtype])
+    assert torch.equal(got_rows[:, heads + kv_heads:], ref_rows[:, heads + kv_heads:])
+    assert torch.equal(cache.k_slots[slots], got_rows[:, heads: heads + kv_heads])
+    assert torch.equal(cache.v_slots[slots], ref_rows[:, heads + kv_heads:])
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[slots] = False
+    assert not cache.k_slots[untouched].any() and not cache.v_slots[untouched].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_plain_torch(dtype):
+    g = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn(13, 2 * 150, generator=g) * 6).to(dtype)  # large |x| too
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(torch.ops.mmserve.silu_and_mul(gate_up), F.silu(gate) * up,
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_a_model_on_the_kernels_gives_the_plain_torch_logits(tmp_path, family):
+    from test_models import engine_logits, make_runner
+
+    save_checkpoint(tmp_path, family, seed=7)
+    runner = make_runner(tmp_path)
+    assert runner.kernels and runner.model.fused and runner.model.layers[0].fused
+    tokens = torch.randint(0, VOCAB, (33,), generator=torch.Generator().manual_seed(4)).tolist()
+    chunks = [20, 1, 1, 11]  # a prefill, decodes over the paged cache, a chunk over it
+    with_kernels = engine_logits(runner, tokens, chunks)
+    runner.model.use_cpu_kernels(False)
+    runner.kernels = False
+    plain = engine_logits(runner, tokens, chunks)
+    torch.testing.assert_close(with_kernels, plain, atol=1e-4, rtol=0)
