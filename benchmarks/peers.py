@@ -95,7 +95,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "wb")  # noqa: SIM115 (the server writes it until stop())
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout
@@ -150,7 +150,8 @@ def vllm_server(venv: Path, model_dir: Path, dtype: str, workdir: Path,
     if tuned:
         preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
                                str(venv / "lib" / "libiomp5.so")) if Path(p).is_file()]
-        env.update(LD_PRELOAD=":".join(preload), VLLM_CPU_OMP_THREADS_BIND=f"0-{os.cpu_count() - 1}",
+        env.update(LD_PRELOAD=":".join(preload),
+                   VLLM_CPU_OMP_THREADS_BIND=f"0-{os.cpu_count() - 1}",
                    VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     port = free_port()
     command = [str(venv / "bin" / "vllm"), "serve", str(model_dir), "--served-model-name",
@@ -300,19 +301,20 @@ def print_table(label: str, table: dict[int, Level], engine: dict, names: list[s
             tps = level.mean(name, "tokens_per_s")
             ratio = ""
             if name != "mmserve" and "mmserve" in level.results:
+                ttft = level.mean("mmserve", "mean_ttft") / level.mean(name, "mean_ttft")
                 ratio = (f"{level.mean('mmserve', 'tokens_per_s') / tps:.2f}x tok/s, TTFT "
-                         f"{level.mean('mmserve', 'mean_ttft') / level.mean(name, 'mean_ttft'):.2f}x")
+                         f"{ttft:.2f}x")
             print(f"{c:>3} | {name:<13} | {tps:>7.1f} | {level.mean(name, 'mean_ttft'):>8.2f}s | "
-                  f"{level.mean(name, 'p99_ttft'):>7.2f}s | {level.mean(name, 'mean_itl') * 1e3:>6.1f} "
-                  f"| {ratio}")
+                  f"{level.mean(name, 'p99_ttft'):>7.2f}s | "
+                  f"{level.mean(name, 'mean_itl') * 1e3:>6.1f} | {ratio}")
         if c in engine and "mmserve" in level.results:
             stack = level.mean("mmserve", "tokens_per_s")
             print(f"{c:>3} | {'TorchEngine':<13} | {engine[c][0]:>7.1f} | {engine[c][1]:>8.2f}s | "
                   f"{'':>8} | {'':>6} | stack keeps {stack / engine[c][0]:.0%} of the engine")
     for server in servers:
         if server.peak_rss:
-            print(f"peak RSS during c={max(table)}: {server.name} {server.peak_rss / 2**20:.0f} MiB "
-                  f"(the whole process tree)")
+            print(f"peak RSS during c={max(table)}: {server.name} "
+                  f"{server.peak_rss / 2**20:.0f} MiB (the whole process tree)")
 
 
 def main() -> None:

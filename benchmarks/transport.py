@@ -25,13 +25,11 @@ import grpc
 import torch
 
 from encoder_service.config import EncoderConfig
-from encoder_service.encoder import EncodedItem
+from encoder_service.families import build_preprocessor
 from encoder_service.server import EncoderServicer
 from llm_service.encoder_client import EncoderClient
-from llm_service.prompt.messages import MediaRef, Modality
-from protos.stubs import load
-
-encoder_pb2_grpc = load("encoder_pb2_grpc")
+from mmserve.wire.media import EncodedItem, MediaItem, MediaRef, handle_for
+from protos import encoder_pb2_grpc
 
 TOKENS_PER_TILE = 256
 
@@ -42,18 +40,18 @@ class PresetEncoder:
     def __init__(self, tiles: int, hidden_size: int, dtype: torch.dtype) -> None:
         rows = torch.randn(tiles * TOKENS_PER_TILE, hidden_size,
                            generator=torch.Generator().manual_seed(0)).to(dtype)
-        self.item = EncodedItem(rows, tiles, "0" * 64, cached=True)
+        self.item = EncodedItem(rows, "0" * 64, handle_for("0" * 64), tiles, cached=True)
 
     async def encode_all(self, items):
         for _ in items:
-            yield self.item
+            yield [self.item]
 
 
-async def timed_calls(client: EncoderClient, item: MediaRef, count: int) -> list[float]:
+async def timed_calls(client: EncoderClient, item: MediaItem, count: int) -> list[float]:
     times = []
     for _ in range(count):
         started = time.perf_counter()
-        (result,) = await client.encode([item], "bench")
+        ((result,),) = await client.encode([item], "bench")
         times.append(time.perf_counter() - started)
         del result
     return times
@@ -64,16 +62,16 @@ async def run(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     config = EncoderConfig(host="127.0.0.1", port=0, hidden_size=args.hidden, dtype=args.dtype,
                            shm_dir=shm_dir)
-    servicer = EncoderServicer(config)
+    servicer = EncoderServicer(config, build_preprocessor(config))
     servicer.encoder = PresetEncoder(args.tiles, args.hidden, dtype)
     server = grpc.aio.server()
     encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server)
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     await server.start()
     clients = {"in-band": EncoderClient(address), "shm": EncoderClient(address, shm_dir=shm_dir)}
-    item = MediaRef(modality=Modality.IMAGE, url="mm://sha256:" + "0" * 64)
+    item = MediaItem(MediaRef(url=handle_for("0" * 64)))
     try:
-        (first,) = await clients["in-band"].encode([item], "warm-up")
+        ((first,),) = await clients["in-band"].encode([item], "warm-up")
         rows, hidden = first.embeddings.shape
         nbytes = first.embeddings.numel() * first.embeddings.element_size()
         for client in clients.values():

@@ -1,10 +1,10 @@
 """Runs the encoder service: `python -m encoder_service [--config model.yaml] [flags]`.
 
 One name per setting: config field `max_tiles` = YAML key `max_tiles` (section
-`encoder:`) = flag `--max-tiles` = environment `MMSERVE_ENCODER_MAX_TILES`. The
-one exception is the repeatable `--allowed-domain` (environment: comma-separated
-MMSERVE_ENCODER_ALLOWED_DOMAINS). Environment values are the flags' defaults;
-both override the model YAML.
+`encoder:`) = flag `--max-tiles` = environment `MMSERVE_ENCODER_MAX_TILES` (the
+environment names follow the config field: the repeatable `--allowed-domain` reads
+comma-separated MMSERVE_ENCODER_ALLOWED_DOMAINS; see mmserve.rpc.flags). Environment
+values are the flags' defaults; both override the model YAML.
 """
 
 from __future__ import annotations
@@ -21,25 +21,15 @@ import yaml
 
 from encoder_service.config import DTYPES, FAMILIES, TOWERS, EncoderConfig
 from mmserve.modelconfig import load_model_config
+from mmserve.rpc.flags import parse_bool, parse_with_env
 
 ENV_PREFIX = "MMSERVE_ENCODER_"
 log = logging.getLogger("encoder_service")
 
 
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
+_bool = parse_bool  # marks a switch in the table below
 
-
-def _domains(text: str) -> list[str]:
-    return [d for d in (part.strip() for part in text.split(",")) if d]
-
-
-# flag, config field (except config/log_level), parser of an environment value, help
+# flag, config field (except config/log_level), value type, help
 _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--config", "config", str, "model YAML shared with the LLM service; its encoder: section "
      "is read (default: the embedded smollm2-demo.yaml)"),
@@ -70,7 +60,7 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--allow-http", "allow_http", _bool, "fetch http(s) URLs at all"),
     ("--allow-private-networks", "allow_private_networks", _bool,
      "let URLs reach private, loopback and link-local addresses"),
-    ("--allowed-domain", "allowed_domains", _domains,
+    ("--allowed-domain", "allowed_domains", str,
      "only fetch from this domain and its subdomains (repeatable; env: comma-separated)"),
     ("--allowed-local-media-path", "allowed_local_media_path", str,
      "directory that file:// URLs may read from (default: file:// refused)"),
@@ -99,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         if parse is _bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
-        elif parse is _domains:
+        elif flag == "--allowed-domain":
             parser.add_argument(flag, dest=dest, action="append", default=None,
                                 metavar="DOMAIN", help=help_text)
         else:
@@ -111,16 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
     """Flags, with environment values filling whatever the command line left unset."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for _, dest, parse, _ in _FLAGS:
-        name = ENV_PREFIX + dest.upper()
-        if getattr(args, dest) is None and environ.get(name):
-            try:
-                setattr(args, dest, parse(environ[name]))
-            except ValueError as exc:
-                parser.error(f"environment variable {name}: {exc}")
-    return args
+    return parse_with_env(build_parser(), argv, ENV_PREFIX, environ)
 
 
 def build_config(args: argparse.Namespace) -> EncoderConfig:

@@ -75,7 +75,8 @@ class TileBatcher:
             self._held.append(await self._queue.get())
         while not self._queue.empty():
             self._held.append(self._queue.get_nowait())
-        batch, tiles = [], 0
+        batch: list[_Job] = []
+        tiles = 0
         while self._held:
             job = self._held[0]
             size = job.pixel_values.shape[0]

@@ -1,8 +1,10 @@
 """The content store: a bounded LRU of encoded media, keyed by content hash.
 
 An entry keeps what is needed to encode the item again (the decoded image, or the file
-bytes of an audio clip or a video, which can be sampled into any number of frames), so `mm://sha256:<hex>` handles resolve without re-uploading, and its embeddings,
-so a repeated item skips the tower. Only the event loop touches it, so it needs no lock.
+bytes of an audio clip or a video, which can be sampled into any number of frames), so
+`mm://sha256:<hex>` handles resolve without re-uploading, and its embeddings, so a repeated
+item skips the tower (a video file has none: each of its frames is an entry of its own).
+Only the event loop touches it, so it needs no lock.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from mmserve.wire.media import Modality
+
 
 @dataclass(frozen=True, slots=True)
 class StoredItem:
     source: Image.Image | bytes  # the decoded image, or the audio / video file
-    embeddings: torch.Tensor  # [num_tokens, hidden_size]
+    embeddings: torch.Tensor | None  # [num_tokens, hidden_size]; None for a video file
     num_tiles: int
-    kind: str = "image"  # "image", "audio" or "video"
+    kind: Modality = Modality.IMAGE
 
     @property
     def nbytes(self) -> int:
@@ -28,7 +32,9 @@ class StoredItem:
             size = source.width * source.height * len(source.getbands())
         else:
             size = len(source)
-        return size + self.embeddings.numel() * self.embeddings.element_size()
+        if self.embeddings is not None:
+            size += self.embeddings.numel() * self.embeddings.element_size()
+        return size
 
 
 class ContentStore:

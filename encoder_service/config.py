@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from encoder_service.families import FAMILIES as _FAMILY_MODULES
+from mmserve.rpc.tls import TlsFiles
+from mmserve.wire.dtypes import DTYPE_NAMES
 
 MIB = 1024 * 1024
 # gRPC's default maximum message size; every embedding chunk must stay below it.
@@ -27,7 +29,7 @@ FAMILIES = tuple(_FAMILY_MODULES)
 TOWERS = ("demo", "torch", "tensorrt")
 DEMO_HIDDEN_SIZE = 576  # the embedded SmolLM2-135M
 MAX_VIDEO_FRAMES = 64
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = DTYPE_NAMES
 DEFAULT_SHM_DIR = "/dev/shm"
 
 
@@ -42,8 +44,8 @@ class EncoderConfig:
     image_size: int = 448
     max_tiles: int = 12  # InternVL2 max_num: tiles of the grid, the thumbnail comes on top
     use_thumbnail: bool = True
-    # The LLM's hidden size. None: the checkpoint's (tower torch) or DEMO_HIDDEN_SIZE (demo);
-    # given with a checkpoint, it must equal the checkpoint's.
+    # The LLM's hidden size. None: the tower's own (the checkpoint's or the engine's;
+    # DEMO_HIDDEN_SIZE for the demo tower); when given, the loaded tower must match it.
     hidden_size: int | None = None
     checkpoint: str | None = None  # torch tower's checkpoint dir (config.json + *.safetensors)
     tensorrt_engine: str | None = None  # tower tensorrt: the serialized vision engine
@@ -86,7 +88,13 @@ class EncoderConfig:
                                DEFAULT_SHM_DIR if os.path.isdir(DEFAULT_SHM_DIR) else "")
         elif self.shm_dir:
             object.__setattr__(self, "shm_dir", os.path.normpath(self.shm_dir))
-        checks = [self._resolve_hidden_size(),
+        if self.tower == "demo" and self.hidden_size is None:
+            object.__setattr__(self, "hidden_size", DEMO_HIDDEN_SIZE)
+        checks = [
+            (self.tower not in ("torch", "tensorrt") or bool(self.checkpoint),
+             f"tower {self.tower} needs checkpoint (a checkpoint directory)"),
+            (self.tower != "tensorrt" or bool(self.tensorrt_engine),
+             "tower tensorrt needs tensorrt_engine (a serialized engine file)"),
             (bool(self.host), f"host must not be empty, got {self.host!r}"),
             (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
             (self.family in FAMILIES, f"family must be one of {FAMILIES}, got {self.family!r}"),
@@ -95,7 +103,8 @@ class EncoderConfig:
              f"image_size must be a positive multiple of 28 (patch 14, pixel shuffle 0.5), "
              f"got {self.image_size}"),
             (1 <= self.max_tiles <= 64, f"max_tiles must be in [1, 64], got {self.max_tiles}"),
-            (self.hidden_size > 0, f"hidden_size must be > 0, got {self.hidden_size}"),
+            (self.hidden_size is None or self.hidden_size > 0,
+             f"hidden_size must be > 0, got {self.hidden_size}"),
             (self.device == "cpu" or self.device.split(":")[0] == "cuda",
              f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
             (1 <= self.video_frames <= MAX_VIDEO_FRAMES,
@@ -136,40 +145,22 @@ class EncoderConfig:
              f"cache_capacity_bytes must be >= 0, got {self.cache_capacity_bytes}"),
             (self.shutdown_grace_s >= 0,
              f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}"),
-            ((self.tls_cert is None) == (self.tls_key is None),
-             f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r} "
-             f"tls_key={self.tls_key!r}"),
-            (self.tls_ca is None or self.tls_cert is not None,
-             f"tls_ca (client certificates) needs tls_cert and tls_key, got tls_ca={self.tls_ca!r}"),
         ]
         errors = [message for ok, message in checks if not ok]
+        errors += self.server_tls.problems("tls_", server=True)
         if errors:
             raise ValueError("invalid encoder config: " + "; ".join(errors))
 
-    def _resolve_hidden_size(self) -> tuple[bool, str]:
-        """Fills in hidden_size from the checkpoint or the demo default; (ok, error message)."""
-        if self.tower == "tensorrt" and not self.tensorrt_engine:
-            object.__setattr__(self, "hidden_size", self.hidden_size or 1)
-            return False, "tower tensorrt needs tensorrt_engine (a serialized engine file)"
-        if self.tower not in ("torch", "tensorrt"):
-            if self.hidden_size is None:
-                object.__setattr__(self, "hidden_size", DEMO_HIDDEN_SIZE)
-            return True, ""
-        if self.checkpoint is None:
-            object.__setattr__(self, "hidden_size", self.hidden_size or 1)
-            return False, f"tower {self.tower} needs checkpoint (a checkpoint directory)"
-        from encoder_service.towers import checkpoint_hidden_size  # imports torch
+    @property
+    def checkpoint_dir(self) -> str:
+        """The checkpoint of a torch or TensorRT tower (validation made sure there is one)."""
+        if not self.checkpoint:
+            raise ValueError(f"tower {self.tower} needs checkpoint (a checkpoint directory)")
+        return self.checkpoint
 
-        try:
-            width = checkpoint_hidden_size(self.family, self.checkpoint)
-        except (OSError, ValueError, KeyError) as exc:
-            object.__setattr__(self, "hidden_size", self.hidden_size or 1)
-            return False, f"cannot use checkpoint {self.checkpoint!r}: {exc}"
-        given = self.hidden_size
-        object.__setattr__(self, "hidden_size", width)
-        return (given is None or given == width,
-                f"hidden_size {given} does not match the checkpoint's LLM hidden size {width} "
-                f"({self.checkpoint})")
+    @property
+    def server_tls(self) -> TlsFiles:
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca)
 
     @classmethod
     def from_sources(cls, yaml_section: dict[str, Any] | None,

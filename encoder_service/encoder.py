@@ -1,69 +1,70 @@
-"""The encoding pipeline: media reference -> image -> tiles -> tower -> embedding rows.
+"""The encoding pipeline: media reference -> image (audio, frames) -> tower -> embedding rows.
 
-This is the interface the gRPC servicer calls; it knows nothing about protobuf.
+This is the interface the gRPC servicer calls; it knows nothing about protobuf. Each image
+or audio item becomes one `EncodedItem`; a video becomes one per frame, each with its own
+content hash, so a frame seen before (in a frame list, or sampled again) skips the tower.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from PIL import Image
 
 from encoder_service.batcher import TileBatcher
 from encoder_service.cache import ContentStore, StoredItem
 from encoder_service.config import MAX_VIDEO_FRAMES, EncoderConfig
 from encoder_service.errors import InvalidRequest
-from encoder_service.families import build_preprocessor
-from encoder_service.media import MediaRef, MediaResolver
+from encoder_service.families import Preprocessed, Preprocessor, Tiles, build_preprocessor
+from encoder_service.families.imaging import content_hash
+from encoder_service.media import MediaResolver
 from encoder_service.towers.base import Tower
-from encoder_service.video import frames_content_hash, frames_to_pixel_values, sample_frames
+from encoder_service.video import sample_frames
+from mmserve.wire.media import EncodedItem, MediaItem, Modality, handle_for
+
+VIDEO_KEY = "video;"  # the content store keys a video file by sha256 over this + its bytes
 
 
 @dataclass(frozen=True, slots=True)
-class MediaItem:
-    ref: MediaRef
-    modality: str = "image"
-    max_tiles: int = 0  # 0: the configured default
-    num_frames: int = 0  # video only: frames to sample; 0: the configured default
+class EncoderStats:
+    """Live state for metrics."""
 
-
-@dataclass(frozen=True, slots=True)
-class EncodedItem:
-    embeddings: torch.Tensor  # [num_tokens, hidden_size] in the configured dtype
-    num_tiles: int
-    content_hash: str
-    cached: bool  # served from the content store, without running the tower
-
-    @property
-    def num_tokens(self) -> int:
-        return self.embeddings.shape[0]
+    queued_tiles: int  # waiting for a tower call (the autoscaling signal)
+    tower_calls: int
+    store_bytes: int
+    store_items: int
 
 
 class Encoder:
     """Resolves, preprocesses and encodes media items, reusing stored results."""
 
-    def __init__(self, config: EncoderConfig, tower: Tower) -> None:
-        self.config = config
-        self.preprocessor = build_preprocessor(config)
-        if tower.hidden_size != config.hidden_size:
+    def __init__(self, config: EncoderConfig, tower: Tower,
+                 preprocessor: Preprocessor | None = None) -> None:
+        """`preprocessor`: the family's, when the caller already built it (the server's
+        servicer describes it before the tower is loaded); else built here."""
+        preprocessor = preprocessor or build_preprocessor(config)
+        if config.hidden_size is not None and tower.hidden_size != config.hidden_size:
             raise ValueError(f"tower output width {tower.hidden_size} != configured "
                              f"hidden_size {config.hidden_size}")
-        if tower.tokens_per_tile != self.preprocessor.tokens_per_tile:
+        if tower.tokens_per_tile != preprocessor.tokens_per_tile:
             raise ValueError(f"tower gives {tower.tokens_per_tile} rows per tile, "
-                             f"{self.preprocessor.family} "
-                             f"preprocessing expects {self.preprocessor.tokens_per_tile}")
+                             f"{preprocessor.family} "
+                             f"preprocessing expects {preprocessor.tokens_per_tile}")
+        self.config = config
+        self.preprocessor = preprocessor
         self.tower = tower
         self.store = ContentStore(config.cache_capacity_bytes)
         self.resolver = MediaResolver(config, self.store)
         self.batcher = TileBatcher(tower, config.max_batch_tiles)
-        # Towers with fixed-size tiles whose rows are merged per item afterwards (LLaVA's
-        # anyres) batch their tiles like the others; towers that take a whole item
-        # (variable-size slices, audio) bypass the tile batcher and run one item at a time.
-        self._merge_item = getattr(tower, "merge_item", None)
-        self._encode_item = None if self._merge_item else getattr(tower, "encode_item", None)
-        self._item_lock = asyncio.Lock()
+        self._item_lock = asyncio.Lock()  # towers that take whole items run one at a time
+
+    @property
+    def hidden_size(self) -> int:
+        return self.tower.hidden_size
 
     def start(self) -> None:
         self.batcher.start()
@@ -71,8 +72,13 @@ class Encoder:
     async def stop(self) -> None:
         await self.batcher.stop()
 
-    async def encode_all(self, items: Sequence[MediaItem]) -> AsyncIterator[EncodedItem]:
-        """Encodes all items concurrently and yields the results in request order.
+    def stats(self) -> EncoderStats:
+        return EncoderStats(self.batcher.queued_tiles, self.batcher.tower_calls,
+                            self.store.nbytes, len(self.store))
+
+    async def encode_all(self, items: Sequence[MediaItem],
+                         ) -> AsyncGenerator[list[EncodedItem], None]:
+        """Encodes all items concurrently and yields each one's results in request order.
 
         The first failure (in request order) is raised; the other items are cancelled.
         """
@@ -91,26 +97,32 @@ class Encoder:
             # Collects what the cancelled or failed tasks raised, so nothing is left unretrieved.
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def encode(self, item: MediaItem) -> EncodedItem:
-        """One item's embedding rows, from the store when this content was seen before."""
-        modalities = self.preprocessor.modalities
-        video = getattr(self.preprocessor, "samples_video", False)
-        if item.modality == "video" and video:
+    async def encode(self, item: MediaItem) -> list[EncodedItem]:
+        """One item's encoded items (one per frame for a video), from the store when seen."""
+        modality, modalities = item.modality, self.preprocessor.modalities
+        if modality == Modality.VIDEO:
             return await self._encode_video(item)
-        if item.modality not in modalities:
+        if modality not in modalities:
             raise InvalidRequest(f"this encoder ({self.preprocessor.family}) encodes "
-                                 f"{', '.join(modalities)} only, got a {item.modality} item"
-                                 + ("; video files are sampled into image frames" if video else ""))
-        max_tiles = item.max_tiles or self.config.max_tiles
-        if max_tiles > self.config.max_tiles:
-            raise InvalidRequest(f"max_tiles {item.max_tiles} exceeds this encoder's limit of "
-                                 f"{self.config.max_tiles}; send 0 for the default")
-        if item.modality == "audio":
-            return await self._encode_audio(item)
+                                 f"{', '.join(m.label for m in modalities)} only, got a "
+                                 f"{modality.label} item")
+        if modality == Modality.AUDIO:
+            return [await self._encode_audio(item)]
+        max_tiles = self._max_tiles(item.max_tiles)
         image = await self.resolver.load_image(item.ref)
+        return [await self._encode_image(image, max_tiles)]
+
+    def _max_tiles(self, requested: int) -> int:
+        if requested > self.config.max_tiles:
+            raise InvalidRequest(f"max_tiles {requested} exceeds this encoder's limit of "
+                                 f"{self.config.max_tiles}; send 0 for the default")
+        return requested or self.config.max_tiles
+
+    async def _encode_image(self, image: Image.Image, max_tiles: int,
+                            frame: int = 0, handle: str = "") -> EncodedItem:
         key = await asyncio.to_thread(self.preprocessor.content_hash, image, max_tiles)
-        return await self._stored_or_encoded(key, image, "image", self.preprocessor.preprocess,
-                                             image, max_tiles)
+        return await self._stored_or_encoded(key, image, Modality.IMAGE, frame, handle,
+                                             self.preprocessor.preprocess, image, max_tiles)
 
     async def _encode_audio(self, item: MediaItem) -> EncodedItem:
         """Audio is decoded to 16 kHz samples, hashed and encoded as one item; the store
@@ -118,13 +130,35 @@ class Encoder:
         data = await self.resolver.load_audio_bytes(item.ref)
         samples = await asyncio.to_thread(self.preprocessor.decode_audio, data)
         key = await asyncio.to_thread(self.preprocessor.content_hash, samples, 0)
-        return await self._stored_or_encoded(key, data, "audio", self.preprocessor.preprocess,
-                                             samples, 0)
+        return await self._stored_or_encoded(key, data, Modality.AUDIO, 0, "",
+                                             self.preprocessor.preprocess, samples, 0)
 
-    async def _encode_video(self, item: MediaItem) -> EncodedItem:
-        """Frames sampled by InternVL's rule, one tile each; the rows of all frames come back
-        as one item with num_tiles = frames. The store keeps the file, so its handle can be
-        sampled again, into any number of frames."""
+    async def _encode_video(self, item: MediaItem) -> list[EncodedItem]:
+        """Frames of one tile each, every frame an item: sampled from a file by InternVL's
+        rule (the store keeps the file, so its handle can be sampled again, into any number
+        of frames), or the frames the client sent."""
+        family = self.preprocessor.family
+        if Modality.IMAGE not in self.preprocessor.modalities or \
+                (not item.frames and not self.preprocessor.samples_video):
+            raise InvalidRequest(f"this encoder ({family}) encodes "
+                                 f"{', '.join(m.label for m in self.preprocessor.modalities)} "
+                                 f"only, got a video item"
+                                 + ("; send the video as frames" if Modality.IMAGE in
+                                    self.preprocessor.modalities else ""))
+        if item.frames:
+            frames = await asyncio.gather(*(self.resolver.load_image(f) for f in item.frames))
+            handle = ""
+        else:
+            frames, handle = await self._sample(item)
+        if len(frames) > MAX_VIDEO_FRAMES:
+            raise InvalidRequest(f"the video has {len(frames)} frames; the limit is "
+                                 f"{MAX_VIDEO_FRAMES}")
+        return list(await asyncio.gather(*(
+            self._encode_image(image, 1, frame=k, handle=handle)
+            for k, image in enumerate(frames, start=1))))
+
+    async def _sample(self, item: MediaItem) -> tuple[list[Image.Image], str]:
+        """The sampled frames of a video file and the handle of the stored file."""
         num_frames = item.num_frames or self.config.video_frames
         if num_frames > MAX_VIDEO_FRAMES:
             raise InvalidRequest(f"num_frames {num_frames} exceeds the limit of "
@@ -132,28 +166,36 @@ class Encoder:
         data = await self.resolver.load_video_bytes(item.ref)
         frames = await asyncio.to_thread(sample_frames, data, num_frames,
                                          self.config.max_image_pixels)
-        key = await asyncio.to_thread(frames_content_hash, frames, self.preprocessor)
-        return await self._stored_or_encoded(key, data, "video", frames_to_pixel_values,
-                                             frames, self.preprocessor)
+        key = await asyncio.to_thread(content_hash, VIDEO_KEY, data)
+        if key not in self.store:
+            self.store.put(key, StoredItem(data, None, 0, kind=Modality.VIDEO))
+        return frames, handle_for(key)
 
-    async def _stored_or_encoded(self, key: str, source, kind: str, preprocess,
-                                 *args) -> EncodedItem:
+    async def _stored_or_encoded(self, key: str, source: Image.Image | bytes, kind: Modality,
+                                 frame: int, handle: str,
+                                 preprocess: Callable[..., Preprocessed],
+                                 *args: Any) -> EncodedItem:
         """The stored rows under `key`, or `preprocess(*args)` run through the tower and
         stored with `source` (what re-encoding the item needs)."""
+        handle = handle or handle_for(key)
         stored = self.store.get(key)
-        if stored is not None:
-            return EncodedItem(stored.embeddings, stored.num_tiles, key, cached=True)
+        if stored is not None and stored.embeddings is not None:
+            return EncodedItem(stored.embeddings, key, handle, stored.num_tiles, frame,
+                               cached=True)
         prepared = await asyncio.to_thread(preprocess, *args)
         rows = await self._run_tower(prepared)
         self.store.put(key, StoredItem(source, rows, prepared.num_tiles, kind=kind))
-        return EncodedItem(rows, prepared.num_tiles, key, cached=False)
+        return EncodedItem(rows, key, handle, prepared.num_tiles, frame)
 
-    async def _run_tower(self, prepared) -> torch.Tensor:
+    async def _run_tower(self, prepared: Preprocessed) -> torch.Tensor:
         """[num_tokens, hidden] rows of one preprocessed item."""
-        if self._encode_item is not None:
+        if not self.tower.batches_tiles:
             async with self._item_lock:
-                return await asyncio.to_thread(self._encode_item, prepared)
+                return await asyncio.to_thread(self.tower.encode_item, prepared)
+        if not isinstance(prepared, Tiles):
+            raise TypeError(f"{type(self.tower).__name__} batches tiles, but "
+                            f"{self.preprocessor.family} preprocessing gave "
+                            f"{type(prepared).__name__}")
         tiles = await self.batcher.encode(prepared.pixel_values)
-        if self._merge_item is not None:
-            return await asyncio.to_thread(self._merge_item, tiles, prepared)
-        return tiles.reshape(-1, tiles.shape[-1])
+        return await asyncio.to_thread(self.tower.merge, tiles, prepared)
+

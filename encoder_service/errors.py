@@ -1,4 +1,4 @@
-"""Encoder service errors; `status_code` maps them to gRPC once, at the edge (server.py).
+"""Encoder service errors; `STATUS` maps them to gRPC once, at the edge (server.py).
 
 The message of every error is shown to the client, so it says what to change.
 """
@@ -32,17 +32,9 @@ class Unavailable(EncoderError):
     """The service cannot encode right now (tower not loaded, shutting down)."""
 
 
-_STATUS = {
+STATUS: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     MediaNotFound: grpc.StatusCode.NOT_FOUND,
     MediaForbidden: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
-
-
-def status_code(error: EncoderError) -> grpc.StatusCode:
-    """The gRPC status for an encoder error; anything unlisted is a bug (INTERNAL)."""
-    for cls in type(error).__mro__:
-        if cls in _STATUS:
-            return _STATUS[cls]
-    return grpc.StatusCode.INTERNAL

@@ -11,35 +11,41 @@ hash (the key of the encoder's content store and of `mm://sha256:` handles).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from encoder_service.config import FAMILIES, EncoderConfig
+from encoder_service.encoder import VIDEO_KEY
 from encoder_service.errors import EncoderError, InvalidMedia
-from encoder_service.families import build_preprocessor
+from encoder_service.families import Preprocessor, build_preprocessor
+from encoder_service.families.imaging import content_hash
 from encoder_service.media import decode_image
-from encoder_service.video import frames_content_hash, has_video_stream, sample_frames
+from encoder_service.video import has_video_stream, sample_frames
+from mmserve.wire.media import Modality, handle_for
 
 
 def describe(path: str, family: str, max_tiles: int | None = None,
              frames: int | None = None) -> dict[str, Any]:
     """The plan for the file at `path` under `family`, as a JSON-ready dict."""
-    config = EncoderConfig(family=family, **({"max_tiles": max_tiles} if max_tiles else {}),
-                           **({"video_frames": frames} if frames else {}))
+    defaults = EncoderConfig(family=family)
+    config = dataclasses.replace(defaults, max_tiles=max_tiles or defaults.max_tiles,
+                                 video_frames=frames or defaults.video_frames)
     preprocessor = build_preprocessor(config)
     data = Path(path).read_bytes()
     if len(data) > config.max_media_bytes:
         raise InvalidMedia(f"{path} is {len(data)} bytes; the limit is {config.max_media_bytes}")
     facts: dict[str, Any] = {"file": path}
     try:
-        media = decode_image(data, config.max_image_pixels)
-        facts.update(modality="image", size=[media.width, media.height])
+        image = decode_image(data, config.max_image_pixels)
+        media: Any = image
+        facts.update(modality="image", size=[image.width, image.height])
     except InvalidMedia:
-        if getattr(preprocessor, "samples_video", False) and has_video_stream(data):
+        if preprocessor.samples_video and has_video_stream(data):
             return {**facts, **_describe_video(data, preprocessor, config)}
-        if "audio" not in preprocessor.modalities:
+        if Modality.AUDIO not in preprocessor.modalities:
             raise
         # Families that take audio decode it themselves (16 kHz samples for Whisper).
         media = preprocessor.decode_audio(data)
@@ -48,14 +54,16 @@ def describe(path: str, family: str, max_tiles: int | None = None,
     return {**facts, "max_tiles": config.max_tiles, **plan.to_dict()}
 
 
-def _describe_video(data: bytes, preprocessor, config: EncoderConfig) -> dict[str, Any]:
-    """A video becomes `video_frames` frames of one tile each (see video.py)."""
+def _describe_video(data: bytes, preprocessor: Preprocessor,
+                    config: EncoderConfig) -> dict[str, Any]:
+    """A video becomes `video_frames` frames of one tile each, each an item with its own
+    content hash (see encoder.py)."""
     picked = sample_frames(data, config.video_frames, config.max_image_pixels)
     rows = len(picked) * preprocessor.tokens_per_tile
     return {"modality": "video", "size": list(picked[0].size), "family": config.family,
             "grid": None, "num_tiles": len(picked), "num_tokens": rows,
-            "content_hash": frames_content_hash(picked, preprocessor),
-            "frames": len(picked)}
+            "content_hashes": [preprocessor.content_hash(frame, 1) for frame in picked],
+            "handle": handle_for(content_hash(VIDEO_KEY, data)), "frames": len(picked)}
 
 
 def main(argv: list[str] | None = None) -> int:

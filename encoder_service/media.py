@@ -11,9 +11,7 @@ import asyncio
 import base64
 import binascii
 import io
-import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -23,24 +21,13 @@ from encoder_service.cache import ContentStore
 from encoder_service.config import EncoderConfig
 from encoder_service.errors import InvalidMedia, MediaForbidden, MediaNotFound
 from encoder_service.fetcher import HttpFetcher
+from mmserve.wire.media import MediaRef, Modality, parse_handle
 
 # Formats whose decoders are plain pixel codecs; others (EPS runs Ghostscript, ...)
 # are not worth the attack surface.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-_HANDLE = re.compile(r"mm://sha256:([0-9a-f]{64})")
-
-
-@dataclass(frozen=True, slots=True)
-class MediaRef:
-    """Where one media item comes from: exactly one of `url` and `data`."""
-
-    url: str = ""
-    data: bytes = b""
-    mime_type: str = ""  # optional hint from the client
-
-
-_FILE_TYPES = {"audio": "audio/wav, audio/mpeg or audio/flac",
-               "video": "video/mp4, video/webm or video/x-matroska"}
+_FILE_TYPES = {Modality.AUDIO: "audio/wav, audio/mpeg or audio/flac",
+               Modality.VIDEO: "video/mp4, video/webm or video/x-matroska"}
 
 
 class MediaResolver:
@@ -70,8 +57,8 @@ class MediaResolver:
         if ref.data:
             data = self._check_size(ref.data, "inline media")
         elif ref.url:
-            stored = self._stored(ref.url, "image")
-            if stored is not None:
+            stored = self._stored(ref.url, Modality.IMAGE)
+            if isinstance(stored, Image.Image):
                 return stored
             data = await self._read_url(ref.url)
         else:
@@ -81,42 +68,45 @@ class MediaResolver:
     async def load_audio_bytes(self, ref: MediaRef) -> bytes:
         """The audio file bytes for `ref` (inline or a data:/file:/http(s) URL), size-checked;
         decoding and the duration limit are audio.py's."""
-        return await self._load_file_bytes(ref, "audio")
+        return await self._load_file_bytes(ref, Modality.AUDIO)
 
     async def load_video_bytes(self, ref: MediaRef) -> bytes:
         """The video file bytes for `ref`, size-checked; video.py decodes and samples them."""
-        return await self._load_file_bytes(ref, "video")
+        return await self._load_file_bytes(ref, Modality.VIDEO)
 
-    async def _load_file_bytes(self, ref: MediaRef, kind: str) -> bytes:
+    async def _load_file_bytes(self, ref: MediaRef, modality: Modality) -> bytes:
+        kind = modality.label
         if ref.mime_type and not ref.mime_type.lower().startswith(f"{kind}/"):
             raise InvalidMedia(f"mime_type {ref.mime_type!r} is not a {kind}/* type, as a {kind} "
-                               f"item needs; use {_FILE_TYPES[kind]}")
+                               f"item needs; use {_FILE_TYPES[modality]}")
         if ref.data and ref.url:
             raise InvalidMedia("a media item must carry either url or data, not both")
         if ref.data:
             return self._check_size(ref.data, f"inline {kind}")
         if not ref.url:
             raise InvalidMedia("a media item has neither url nor data; set one of them")
-        stored = self._stored(ref.url, kind)
-        if stored is not None:
+        stored = self._stored(ref.url, modality)
+        if isinstance(stored, bytes):
             return stored
         return await self._read_url(ref.url, kind=kind)
 
-    def _stored(self, url: str, kind: str) -> Image.Image | bytes | None:
+    def _stored(self, url: str, modality: Modality) -> Image.Image | bytes | None:
         """What the content store keeps behind an `mm://sha256:` handle (None for other URLs):
         the decoded image, or the audio / video file bytes."""
         if not url.startswith("mm:"):
             return None
-        match = _HANDLE.fullmatch(url)
-        if match is None:
+        digest = parse_handle(url)
+        if digest is None:
             raise InvalidMedia(f"malformed media handle {url[:90]!r}; expected "
                                f"mm://sha256:<64 lowercase hex digits>")
-        item = self._store.source(match.group(1))
+        kind = modality.label
+        item = self._store.source(digest)
         if item is None:
             raise MediaNotFound(f"unknown media handle {url}; it was never seen or has been "
                                 f"evicted, so send the {kind} itself again")
-        if item.kind != kind:
-            raise InvalidMedia(f"media handle {url} names {_article(item.kind)} {item.kind}, "
+        if item.kind != modality:
+            stored = item.kind.label
+            raise InvalidMedia(f"media handle {url} names {_article(stored)} {stored}, "
                                f"but it was sent as {_article(kind)} {kind} part")
         return item.source
 

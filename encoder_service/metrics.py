@@ -12,17 +12,22 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+if TYPE_CHECKING:
+    from encoder_service.encoder import EncoderStats
+
 
 class EncoderMetrics(Collector):
-    """Counts calls; everything else is read from the encoder (None while it loads)."""
+    """Counts calls; everything else is read from the encoder's stats (None while it loads)."""
 
-    def __init__(self, encoder: Callable[[], object]) -> None:
-        self._encoder = encoder
+    def __init__(self, stats: Callable[[], EncoderStats | None]) -> None:
+        self._stats = stats
         self.requests: Counter[str] = Counter()
         self.items: Counter[bool] = Counter()
         self.tiles = 0
@@ -34,9 +39,9 @@ class EncoderMetrics(Collector):
         self.tiles += tiles
 
     def collect(self) -> Iterator[Metric]:
-        encoder = self._encoder()
+        stats = self._stats()
         yield GaugeMetricFamily("mmserve_encoder_queue_depth", "Tiles waiting for the tower",
-                                value=encoder.batcher.queued_tiles if encoder else 0)
+                                value=stats.queued_tiles if stats else 0)
         requests = CounterMetricFamily("mmserve_encoder_requests", "Encode calls by status",
                                        labels=["status"])
         for status, count in sorted(self.requests.items()):
@@ -51,13 +56,13 @@ class EncoderMetrics(Collector):
         yield CounterMetricFamily("mmserve_encoder_tiles", "Tiles, slices or frames encoded",
                                   value=self.tiles)
         yield CounterMetricFamily("mmserve_encoder_tower_calls", "Tower runs",
-                                  value=encoder.batcher.tower_calls if encoder else 0)
+                                  value=stats.tower_calls if stats else 0)
         yield GaugeMetricFamily("mmserve_encoder_content_store_bytes",
                                 "Bytes held by the content store",
-                                value=encoder.store.nbytes if encoder else 0)
+                                value=stats.store_bytes if stats else 0)
 
 
-def serve_metrics(metrics: EncoderMetrics, host: str, port: int):
+def serve_metrics(metrics: EncoderMetrics, host: str, port: int) -> WSGIServer:
     """Serves /metrics on its own thread; returns the HTTP server (shutdown() stops it)."""
     registry = CollectorRegistry()
     registry.register(metrics)

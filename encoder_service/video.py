@@ -1,24 +1,22 @@
 """Video -> sampled frames, as InternVL2's video recipe does it.
 
 Frames are picked with the reference `get_index` rule (the middle of each of
-`num_segments` equal segments) and each becomes one 448 tile (`max_num=1`: squash
-resize, no thumbnail) of 256 rows; the LLM side writes the `Frame{i}: <image>` prompt.
+`num_segments` equal segments); the encoder makes each one an item of its own, one 448
+tile (`max_num=1`: squash resize, no thumbnail) of 256 rows, and the LLM side writes the
+`Frame{i}: <image>` prompt.
 Decoding uses PyAV (`pip install av`), imported on first use; without it video
 requests fail with a clear error and images keep working.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from encoder_service.errors import InvalidMedia, InvalidRequest
-from encoder_service.families import Preprocessed, Preprocessor
 
 
 def get_index(max_frame: int, num_segments: int, fps: float | None = None,
@@ -40,7 +38,7 @@ def get_index(max_frame: int, num_segments: int, fps: float | None = None,
     return [int(start_idx + seg_size / 2 + np.round(seg_size * k)) for k in range(num_segments)]
 
 
-def _open(data: bytes):
+def _open(data: bytes) -> Any:
     try:
         import av
     except ImportError:
@@ -84,19 +82,3 @@ def sample_frames(data: bytes, num_segments: int,
             if index >= wanted[-1]:
                 break
     return [picked[index] for index in wanted]
-
-
-def frames_content_hash(frames: Sequence[Image.Image], preprocessor: Preprocessor) -> str:
-    """sha256 (hex) over the frames' own content hashes, in order."""
-    digest = hashlib.sha256(f"video;frames={len(frames)};".encode())
-    for frame in frames:
-        digest.update(preprocessor.content_hash(frame, 1).encode())
-    return digest.hexdigest()
-
-
-def frames_to_pixel_values(frames: Sequence[Image.Image],
-                           preprocessor: Preprocessor) -> Preprocessed:
-    """One tile per frame (max_tiles=1), frames in order: num_tiles = len(frames)."""
-    prepared = [preprocessor.preprocess(frame, 1) for frame in frames]
-    return Preprocessed(torch.cat([p.pixel_values for p in prepared]), len(prepared),
-                        sum(p.num_tokens for p in prepared))

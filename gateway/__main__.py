@@ -15,69 +15,70 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from mmserve.rpc.flags import parse_with_env
 
 ENV_PREFIX = "MMSERVE_GATEWAY_"
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     defaults = GatewayConfig()
-
-    def env_default(name: str, fallback: object) -> object:
-        # argparse runs `type` on string defaults, so env values are checked like flags.
-        return env.get(ENV_PREFIX + name, fallback)
 
     parser = argparse.ArgumentParser(
         prog="mmserve-gateway",
         description="OpenAI-compatible REST gateway in front of the mmserve LLM service. "
                     f"Every flag defaults to the env variable {ENV_PREFIX}<FLAG>, "
                     f"e.g. {ENV_PREFIX}LLM_ADDRESS.")
-    parser.add_argument("--host", default=env_default("HOST", defaults.host))
-    parser.add_argument("--port", type=int, default=env_default("PORT", defaults.port))
-    parser.add_argument("--llm-address", default=env_default("LLM_ADDRESS", defaults.llm_address),
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--llm-address", default=defaults.llm_address,
                         help="host:port of the LLM service, or dns:///name:port to balance "
                              "round-robin over every address of a name")
-    parser.add_argument("--model-name", default=env_default("MODEL_NAME", defaults.model_name),
+    parser.add_argument("--model-name", default=defaults.model_name,
                         help="model name to advertise (default: the LLM service's model id)")
-    parser.add_argument("--api-key", action="append", dest="api_keys",
+    parser.add_argument("--api-key", action="append", dest="api_key",
                         help="accepted bearer token; repeatable (env: comma-separated list). "
                              "Without any key the API is open")
-    parser.add_argument("--api-key-file", default=env_default("API_KEY_FILE", None),
+    parser.add_argument("--api-key-file", default=None,
                         help="file with one key per line; blank lines and # comments skipped")
     parser.add_argument("--max-body-bytes", type=int,
-                        default=env_default("MAX_BODY_BYTES", defaults.max_body_bytes))
+                        default=defaults.max_body_bytes)
     parser.add_argument("--request-timeout", type=float,
-                        default=env_default("REQUEST_TIMEOUT", defaults.request_timeout_s),
+                        default=defaults.request_timeout_s,
                         help="seconds one generation may take")
-    parser.add_argument("--ssl-certfile", default=env_default("SSL_CERTFILE", None))
-    parser.add_argument("--ssl-keyfile", default=env_default("SSL_KEYFILE", None))
-    parser.add_argument("--llm-tls-ca", default=env_default("LLM_TLS_CA", None),
+    parser.add_argument("--ssl-certfile", default=None)
+    parser.add_argument("--ssl-keyfile", default=None)
+    parser.add_argument("--llm-tls-ca", default=None,
                         help="PEM CA of the LLM service's certificate: the channel uses TLS")
-    parser.add_argument("--llm-tls-cert", default=env_default("LLM_TLS_CERT", None),
+    parser.add_argument("--llm-tls-cert", default=None,
                         help="PEM client certificate for the LLM service (mTLS)")
-    parser.add_argument("--llm-tls-key", default=env_default("LLM_TLS_KEY", None),
+    parser.add_argument("--llm-tls-key", default=None,
                         help="PEM key of --llm-tls-cert")
     parser.add_argument("--log-level", choices=_LOG_LEVELS,
-                        default=env_default("LOG_LEVEL", "info"))
+                        default="info")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration (keys redacted) and exit")
     return parser
 
 
-def _api_keys(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str, ...]:
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Flags, with environment values filling whatever the command line left unset."""
+    return parse_with_env(build_parser(), argv, ENV_PREFIX, environ)
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     # Keys given as flags replace the env list; a key file adds to either.
-    keys = args.api_keys if args.api_keys is not None else env.get(ENV_PREFIX + "API_KEY",
-                                                                   "").split(",")
+    keys = list(args.api_key or ())
     if args.api_key_file:
         lines = Path(args.api_key_file).read_text().splitlines()
         keys = [*keys, *(line for line in lines if not line.lstrip().startswith("#"))]
     return tuple(key.strip() for key in keys if key.strip())
 
 
-def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> GatewayConfig:
+def build_config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         host=args.host, port=args.port, llm_address=args.llm_address,
-        model_name=args.model_name or None, api_keys=_api_keys(args, env),
+        model_name=args.model_name or None, api_keys=_api_keys(args),
         max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         llm_tls_ca=args.llm_tls_ca, llm_tls_cert=args.llm_tls_cert,
@@ -85,11 +86,10 @@ def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> GatewayCon
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    env = os.environ
-    parser = build_parser(env)
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, os.environ)
     try:
-        config = build_config(args, env)
+        config = build_config(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     if args.print_config:

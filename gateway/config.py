@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mmserve.rpc.tls import TlsFiles
+
 # host:port, [v6]:port, or a gRPC name-resolver target such as dns:///llm.svc:50051.
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 _DNS_TARGET = re.compile(r"^dns:(//[^/]*)?/(?P<name>.+)$")
@@ -62,13 +64,14 @@ class GatewayConfig:
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
              f"ssl_certfile and ssl_keyfile go together, got certfile={self.ssl_certfile!r} "
              f"keyfile={self.ssl_keyfile!r}"),
-            ((self.llm_tls_cert is None) == (self.llm_tls_key is None),
-             f"llm_tls_cert and llm_tls_key go together, got cert={self.llm_tls_cert!r} "
-             f"key={self.llm_tls_key!r}"),
-            (self.llm_tls_cert is None or self.llm_tls_ca is not None,
-             "llm_tls_cert needs llm_tls_ca, the CA of the LLM service's certificate"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        problems = [message for ok, message in checks if not ok]
+        problems += self.llm_tls.problems("llm_tls_", server=False)
+        if problems:
+            raise ValueError(problems[0])
+
+    @property
+    def llm_tls(self) -> TlsFiles:
+        """The channel to the LLM service: TLS when a CA is given, mTLS with a certificate."""
+        return TlsFiles(self.llm_tls_cert, self.llm_tls_key, self.llm_tls_ca)
 

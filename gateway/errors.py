@@ -133,19 +133,24 @@ def from_validation(exc: RequestValidationError) -> APIError:
 def install_handlers(app: FastAPI) -> None:
     """Route every failure through the one OpenAI error shape."""
 
-    async def api_error(_: Request, exc: APIError) -> Response:
+    # Starlette types every handler as taking Exception; each is registered for one class.
+    async def api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
         return exc.response()
 
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
         return from_validation(exc).response()
 
-    async def http_error(_: Request, exc: HTTPException) -> Response:
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
         return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
-    async def rpc_error(_: Request, exc: grpc.aio.AioRpcError) -> Response:
+    async def rpc_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, grpc.aio.AioRpcError)
         return from_rpc_error(exc).response()
 
-    async def client_gone(_: Request, __: ClientDisconnected) -> Response:
+    async def client_gone(_: Request, __: Exception) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     async def bug(_: Request, __: Exception) -> Response:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,18 +20,13 @@ from gateway.protocol import (
     ContentPart,
     GenerationRequest,
 )
-from protos.stubs import load
-
-common_pb2 = load("common_pb2")
-llm_pb2 = load("llm_pb2")
-llm_pb2_grpc = load("llm_pb2_grpc")
+from mmserve.rpc.tls import channel_credentials
+from protos import common_pb2, llm_pb2, llm_pb2_grpc
 
 # The whole-server entry of the standard health service, the one Kubernetes' gRPC probes ask.
 _HEALTH_SERVICE = ""
 _HEALTH_TIMEOUT_S = 2.0
 _MODEL_INFO_TIMEOUT_S = 10.0
-# Chat templates know system/user/assistant; OpenAI's newer "developer" role means system.
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _AUDIO_MIME = {"mp3": "audio/mpeg"}
 
 
@@ -54,7 +48,8 @@ class LLMClient:
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> LLMClient:
-        return cls(config.llm_address, config.request_timeout_s, channel_credentials(config))
+        return cls(config.llm_address, config.request_timeout_s,
+                   channel_credentials(config.llm_tls))
 
     def generate(self, request: llm_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
         """Starts the server-streaming call; `cancel()` on it aborts the generation."""
@@ -78,23 +73,11 @@ class LLMClient:
         await self._channel.close()
 
 
-def channel_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
-    """TLS to the LLM service when a CA is configured, with a client certificate for mTLS."""
-    if config.llm_tls_ca is None:
-        return None
-
-    def read(path: str | None) -> bytes | None:
-        return Path(path).read_bytes() if path else None
-
-    return grpc.ssl_channel_credentials(root_certificates=read(config.llm_tls_ca),
-                                        private_key=read(config.llm_tls_key),
-                                        certificate_chain=read(config.llm_tls_cert))
-
-
 def chat_request_to_pb(request: ChatCompletionRequest, request_id: str,
                        model_id: str) -> llm_pb2.GenerateRequest:
     messages = [
-        llm_pb2.ChatMessage(role=_ROLES[message.role], content=[
+        # Roles go as sent ("developer" too): the LLM service maps aliases, for gRPC callers too.
+        llm_pb2.ChatMessage(role=message.role, content=[
             _part_to_pb(part, f"messages.{i}.content.{j}") for j, part in enumerate(message.content)
         ])
         for i, message in enumerate(request.messages)
@@ -118,18 +101,18 @@ def completion_request_to_pb(request: CompletionRequest, request_id: str,
 
 def _part_to_pb(part: ContentPart, param: str) -> llm_pb2.ContentPart:
     # ContentPart's validator guarantees the field named by `type` is set.
-    if part.type == "image_url":
+    if part.image_url is not None:
         return llm_pb2.ContentPart(image=common_pb2.MediaRef(url=part.image_url.url))
-    if part.type == "video":
+    if part.video is not None:
         return llm_pb2.ContentPart(video=llm_pb2.Video(
             frames=[common_pb2.MediaRef(url=url) for url in part.video]))
-    if part.type == "video_url":
+    if part.video_url is not None:
         return llm_pb2.ContentPart(video=llm_pb2.Video(
             file=common_pb2.MediaRef(url=part.video_url.url),
             num_frames=part.video_url.num_frames or 0))
-    if part.type == "audio_url":
+    if part.audio_url is not None:
         return llm_pb2.ContentPart(audio=common_pb2.MediaRef(url=part.audio_url.url))
-    if part.type == "input_audio":
+    if part.input_audio is not None:
         audio = part.input_audio
         return llm_pb2.ContentPart(audio=common_pb2.MediaRef(
             data=_decode_base64(audio.data, f"{param}.input_audio.data"),

@@ -109,7 +109,8 @@ class GenerationRequest(OpenAIModel):
     max_tokens: int | None = Field(default=None, ge=1, lt=UINT32_END)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=128)
+    # The upper bound is the LLM engine's (its max_num_seqs), which says so in its 400.
+    n: int = Field(default=1, ge=1, lt=UINT32_END)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: Annotated[list[str], BeforeValidator(_stop_list)] = Field(default_factory=list)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)

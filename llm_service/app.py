@@ -9,17 +9,16 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import grpc
-
 from llm_service.config import LLMConfig
 from llm_service.encoder_client import EncoderClient
 from llm_service.engine.protocol import EngineClient
 from llm_service.errors import ServiceError
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
-from llm_service.tokenizer import load_tokenizer
 from llm_service.server import LLMServicer, build_server, watch_health
+from llm_service.tokenizer import load_tokenizer
 from llm_service.weights import resolve_checkpoint
+from mmserve.rpc.tls import channel_credentials, server_credentials
 
 log = logging.getLogger("llm_service")
 
@@ -52,30 +51,10 @@ async def check_encoder(encoder: EncoderClient, hidden_size: int, wait_s: float)
                 return
             await asyncio.sleep(0.5)
     if info.hidden_size != hidden_size:
-        raise ValueError(f"encoder hidden size {info.hidden_size} != LLM hidden size {hidden_size}: "
-                         "set encoder.hidden_size in the model config to the LLM's")
+        raise ValueError(f"encoder hidden size {info.hidden_size} != LLM hidden size "
+                         f"{hidden_size}: set encoder.hidden_size in the model config to the "
+                         "LLM's")
     log.info("encoder: family=%s tower=%s hidden=%d", info.family, info.tower, info.hidden_size)
-
-
-def server_credentials(config: LLMConfig) -> grpc.ServerCredentials | None:
-    """TLS for the gRPC server, mutual when a client CA is configured; None: plaintext."""
-    if config.tls_cert is None:
-        return None
-    ca = config.tls_ca.read_bytes() if config.tls_ca else None
-    return grpc.ssl_server_credentials(
-        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
-        root_certificates=ca, require_client_auth=ca is not None)
-
-
-def encoder_credentials(config: LLMConfig) -> grpc.ChannelCredentials | None:
-    """TLS for the encoder channel (with a client certificate for mTLS); None: plaintext."""
-    if config.encoder_tls_ca is None:
-        return None
-    cert, key = config.encoder_tls_cert, config.encoder_tls_key
-    return grpc.ssl_channel_credentials(
-        root_certificates=config.encoder_tls_ca.read_bytes(),
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None)
 
 
 async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
@@ -83,7 +62,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
     """Runs until `stop` is set (or SIGINT/SIGTERM when no event is given)."""
     started = time.monotonic()
     # Read before the model loads, so a missing certificate fails in a second, not a minute.
-    server_creds, encoder_creds = server_credentials(config), encoder_credentials(config)
+    server_creds = server_credentials(config.server_tls)
+    encoder_creds = channel_credentials(config.encoder_tls)
     model_dir = await asyncio.to_thread(resolve_checkpoint, config.checkpoint, config.cache_dir)
     tokenizer = load_tokenizer(model_dir)
     family = load_family(config.family, tokenizer)
@@ -94,16 +74,13 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
     try:
         if encoder is not None:
             await check_encoder(encoder, engine.hidden_size, config.encoder_wait_s)
-        generator = Generator(engine, tokenizer, family, encoder, engine.hidden_size,
-                              engine.vocab_size, config.max_media_items)
+        generator = Generator(engine, tokenizer, family, encoder, config.max_media_items)
         info = dict(model_id=config.model_name, family=config.family,
                     max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                     hidden_size=engine.hidden_size, engine=config.engine_kind)
-        servicer = LLMServicer(generator, engine, info)
-        server, port, health_servicer = build_server(
-            servicer, f"{config.host}:{config.port}", server_creds)
-        await server.start()
-        watcher = asyncio.create_task(watch_health(engine, health_servicer))
+        server = build_server(LLMServicer(generator, engine, info))
+        port = await server.start(config.host, config.port, server_creds)
+        watcher = asyncio.create_task(watch_health(engine, server))
         log.info("LLM service listening on %s:%d (%s, started in %.1f s)", config.host, port,
                  config.model_name, time.monotonic() - started)
         if ready is not None:

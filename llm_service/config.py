@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mmserve.rpc.tls import TlsFiles
+
 ENGINE_KINDS = ("torch", "trtllm")
 # auto: offer the encoder same-host transfer through shm_dir when it is a writable directory.
 EMBEDDING_TRANSPORTS = ("auto", "inband")
@@ -53,19 +55,23 @@ class LLMConfig:
             raise ValueError(f"max_media_items must be >= 0, got {self.max_media_items}")
         if self.encoder_wait_s < 0:
             raise ValueError(f"encoder_wait_s must be >= 0, got {self.encoder_wait_s}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
-        if self.tls_ca is not None and self.tls_cert is None:
-            raise ValueError(f"tls_ca {self.tls_ca} (client certificates) needs tls_cert and "
-                             "tls_key")
-        if (self.encoder_tls_cert is None) != (self.encoder_tls_key is None):
-            raise ValueError("encoder_tls_cert and encoder_tls_key must be given together")
-        if self.encoder_tls_cert is not None and self.encoder_tls_ca is None:
-            raise ValueError("encoder_tls_cert needs encoder_tls_ca, the CA of the encoder's "
-                             "server certificate")
+        problems = (self.server_tls.problems("tls_", server=True)
+                    + self.encoder_tls.problems("encoder_tls_", server=False))
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def server_tls(self) -> TlsFiles:
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca)
+
+    @property
+    def encoder_tls(self) -> TlsFiles:
+        """The encoder channel: TLS when a CA is given, plus a client certificate for mTLS."""
+        return TlsFiles(self.encoder_tls_cert, self.encoder_tls_key, self.encoder_tls_ca)
 
     @classmethod
-    def from_sources(cls, sections: dict[str, dict[str, Any]], args: argparse.Namespace) -> LLMConfig:
+    def from_sources(cls, sections: dict[str, dict[str, Any]],
+                     args: argparse.Namespace) -> LLMConfig:
         """YAML sections first, then flags that were given explicitly."""
         model, llm = sections["model"], sections["llm"]
         default = {f.name: f.default for f in fields(cls)}  # slots: no class attributes
@@ -98,9 +104,14 @@ class LLMConfig:
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             tls_ca=Path(args.tls_ca) if args.tls_ca else None,
-            **{f"encoder_tls_{name}": Path(value) for name in ("cert", "key", "ca")
-               if (value := getattr(args, f"encoder_tls_{name}", None))},
+            encoder_tls_cert=_path(getattr(args, "encoder_tls_cert", None)),
+            encoder_tls_key=_path(getattr(args, "encoder_tls_key", None)),
+            encoder_tls_ca=_path(getattr(args, "encoder_tls_ca", None)),
         )
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _first(*values: Any) -> Any:

@@ -20,20 +20,23 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from encoder_service.wire import chunks_to_tensor, create_probe, read_region, remove_probe
 from llm_service.errors import (
-    DeadlineExceeded, InvalidRequest, NotFound, PermissionDenied, ServiceError, Unavailable,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ServiceError,
+    Unavailable,
 )
-from llm_service.prompt.messages import MediaRef, Modality
-from protos.stubs import load
-
-common_pb2 = load("common_pb2")
-encoder_pb2 = load("encoder_pb2")
-encoder_pb2_grpc = load("encoder_pb2_grpc")
+from mmserve.wire.chunks import chunks_to_tensor
+from mmserve.wire.convert import item_from_header, item_to_pb
+from mmserve.wire.media import EncodedItem, MediaItem
+from mmserve.wire.shm import create_probe, read_region, remove_probe
+from protos import encoder_pb2, encoder_pb2_grpc
 
 log = logging.getLogger(__name__)
 _MAX_MESSAGE = 64 * 1024 * 1024
-_STATUS_ERRORS = {
+_STATUS_ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -41,27 +44,6 @@ _STATUS_ERRORS = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
-_MODALITY = {Modality.IMAGE: common_pb2.MODALITY_IMAGE, Modality.AUDIO: common_pb2.MODALITY_AUDIO,
-             Modality.VIDEO: common_pb2.MODALITY_VIDEO}
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedItem:
-    embeddings: torch.Tensor  # [num_tokens, hidden_size]
-    content_hash: str
-    num_tiles: int  # tiles, slices, or frames for a video
-
-    def frames(self) -> list[EncodedItem]:
-        """A sampled video's rows split per frame (equal rows per frame)."""
-        if self.num_tiles < 1 or self.num_tokens % self.num_tiles:
-            raise Unavailable(f"encoder returned {self.num_tokens} rows for {self.num_tiles} frames")
-        rows = self.num_tokens // self.num_tiles
-        return [EncodedItem(self.embeddings[i * rows:(i + 1) * rows], f"{self.content_hash}:{i}", 1)
-                for i in range(self.num_tiles)]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.embeddings.shape[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,61 +100,69 @@ class EncoderClient:
 
     async def info(self, timeout: float = 5.0) -> EncoderInfo:
         try:
-            reply = await self._stubs[0].GetModelInfo(encoder_pb2.EncoderInfoRequest(), timeout=timeout)
+            reply = await self._stubs[0].GetModelInfo(encoder_pb2.EncoderInfoRequest(),
+                                                      timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _to_error(exc) from None
         return EncoderInfo(reply.family, reply.hidden_size, reply.dtype, reply.tower)
 
-    async def encode(
-        self, items: list[MediaRef], request_id: str, timeout: float | None = None
-    ) -> list[EncodedItem]:
-        """Encodes every item concurrently; returns them in order."""
-        return list(await asyncio.gather(*(self._encode_one(i, request_id, timeout) for i in items)))
+    async def encode(self, items: list[MediaItem], request_id: str,
+                     timeout: float | None = None) -> list[list[EncodedItem]]:
+        """Encodes every item concurrently (one call each, spread over the pool); returns,
+        in order, each item's encoded items (one per frame for a video)."""
+        return list(await asyncio.gather(*(self._encode_one(i, request_id, timeout)
+                                           for i in items)))
 
-    async def _encode_one(self, item: MediaRef, request_id: str, timeout: float | None) -> EncodedItem:
-        ref = common_pb2.MediaRef(mime_type=item.mime_type)
-        if item.data:
-            ref.data = item.data
-        else:
-            ref.url = item.url
-        request = encoder_pb2.EncodeRequest(
-            request_id=request_id,
-            items=[encoder_pb2.MediaItem(modality=_MODALITY[item.modality], ref=ref,
-                                         max_tiles=item.max_tiles, num_frames=item.num_frames)],
-        )
+    async def _encode_one(self, item: MediaItem, request_id: str,
+                          timeout: float | None) -> list[EncodedItem]:
+        request = encoder_pb2.EncodeRequest(request_id=request_id, items=[item_to_pb(item)])
         offer = self._shm_offer()
         if offer is not None:
             request.shm.CopyFrom(offer)
         stub = self._stubs[next(self._next)]
-        header, chunks, rows = None, [], None
+        results: list[EncodedItem] = []
+        header: encoder_pb2.ItemHeader | None = None
+        chunks: list[encoder_pb2.EmbeddingChunk] = []
         try:
             async for reply in stub.Encode(request, timeout=timeout,
                                            metadata=(("x-request-id", request_id),)):
                 part = reply.WhichOneof("part")
                 if part == "header":
-                    header = reply.header
+                    if header is not None:
+                        results.append(item_from_header(header, _rows(header, chunks)))
+                    header, chunks = reply.header, []
+                elif header is None:
+                    raise Unavailable("the encoder sent embedding rows before their header")
                 elif part == "chunk":
                     chunks.append(reply.chunk)
                 elif part == "shm":
                     rows = await asyncio.to_thread(_take_region, offer, header, reply.shm)
+                    results.append(item_from_header(header, rows))
+                    header = None
         except grpc.aio.AioRpcError as exc:
             raise _to_error(exc) from None
-        if header is None:
+        if header is not None:
+            results.append(item_from_header(header, _rows(header, chunks)))
+        if not results:
             raise Unavailable("the encoder returned no embedding header")
-        if rows is None:
-            rows = chunks_to_tensor(header, chunks)
-        return EncodedItem(rows, header.content_hash, header.num_tiles)
+        return results
 
 
-def _take_region(offer: encoder_pb2.ShmOffer | None, header: encoder_pb2.ItemHeader | None,
+def _rows(header: encoder_pb2.ItemHeader, chunks: list[encoder_pb2.EmbeddingChunk]) -> torch.Tensor:
+    try:
+        return chunks_to_tensor(header, chunks)
+    except ValueError as exc:
+        raise Unavailable(f"the encoder sent malformed embedding rows: {exc}") from None
+
+
+def _take_region(offer: encoder_pb2.ShmOffer | None, header: encoder_pb2.ItemHeader,
                  region: encoder_pb2.ShmRegion) -> torch.Tensor:
     """Reads (and removes) the rows the encoder left in the offered directory."""
     if offer is None:
         raise Unavailable(f"the encoder sent shared-memory region {region.name!r} "
                           "although none was offered")
     try:
-        return read_region(offer.dir, header if header is not None else encoder_pb2.ItemHeader(),
-                           region)
+        return read_region(offer.dir, header, region)
     except (OSError, ValueError) as exc:
         raise Unavailable(f"cannot read embedding rows from shared-memory region "
                           f"{region.name!r} in {offer.dir}: {exc}") from None

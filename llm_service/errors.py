@@ -1,14 +1,22 @@
-"""LLM service errors, mapped to gRPC status codes once, in server.py."""
+"""LLM service errors, mapped to gRPC status codes once, in server.py (`STATUS`).
+
+The engine's errors (engine/errors.py) are part of this hierarchy, so the engine package
+stays free of the service; the service adds what only it raises.
+"""
 
 from __future__ import annotations
 
+import grpc
 
-class ServiceError(Exception):
-    """Base class; the message is shown to the client."""
+from llm_service.engine.errors import (
+    EngineDead,
+    EngineError,
+    InvalidRequest,
+    Overloaded,
+    Unavailable,
+)
 
-
-class InvalidRequest(ServiceError):
-    """Bad input: the caller must change the request."""
+ServiceError = EngineError  # every error whose message the client sees
 
 
 class NotFound(ServiceError):
@@ -19,17 +27,18 @@ class PermissionDenied(ServiceError):
     """Media source outside what this deployment allows."""
 
 
-class Overloaded(ServiceError):
-    """The waiting queue is full; retry later."""
-
-
-class Unavailable(ServiceError):
-    """A dependency (encoder pool, engine) is down."""
-
-
-class EngineDead(Unavailable):
-    """A fatal engine error; the service reports itself unhealthy."""
-
-
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed."""
+
+
+STATUS: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+__all__ = ["STATUS", "DeadlineExceeded", "EngineDead", "InvalidRequest", "NotFound",
+           "Overloaded", "PermissionDenied", "ServiceError", "Unavailable"]

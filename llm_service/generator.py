@@ -10,16 +10,23 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from llm_service.encoder_client import EncodedItem, EncoderClient
+from llm_service.encoder_client import EncoderClient
 from llm_service.engine.detokenizer import IncrementalDetokenizer
 from llm_service.engine.protocol import (
-    EmbeddingSpan, EngineClient, EngineRequest, FinishReason, SamplingParams, TokenLogprob,
+    EmbeddingSpan,
+    EngineClient,
+    EngineRequest,
+    FinishReason,
+    SamplingParams,
+    TokenLogprob,
 )
 from llm_service.errors import InvalidRequest, Unavailable
 from llm_service.prompt.families import PromptFamily
-from llm_service.prompt.messages import MediaRef, Message, Modality
+from llm_service.prompt.messages import MediaItem, Message, Modality, media_count
 from llm_service.prompt.template import check_messages
+from mmserve.wire.media import EncodedItem
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +78,15 @@ class _Choice:
 
 
 class Generator:
-    def __init__(self, engine: EngineClient, tokenizer, family: PromptFamily,
-                 encoder: EncoderClient | None, hidden_size: int, vocab_size: int,
-                 max_media_items: int = 16) -> None:
+    """Turns a GenerateInput into Chunks: prompt, media, the engine, detokenization, stop
+    strings. The engine's hidden and vocabulary sizes are read from the engine itself."""
+
+    def __init__(self, engine: EngineClient, tokenizer: Any, family: PromptFamily,
+                 encoder: EncoderClient | None, max_media_items: int = 16) -> None:
         self._engine = engine
         self._tokenizer = tokenizer
         self._family = family
         self._encoder = encoder
-        self._hidden_size = hidden_size
-        self._vocab_size = vocab_size
         self._max_media_items = max_media_items
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
@@ -117,6 +124,8 @@ class Generator:
                 if delta.stopped:
                     finish = FinishReason.STOP
                     new_ids, entries = new_ids[: delta.consumed], entries[: delta.consumed]
+                    if out.finish_reason is None:  # free the choice's KV blocks now
+                        await self._engine.finish(inp.request_id, out.index)
                 text = delta.text
                 if finish is not None and not delta.stopped:
                     text += choice.detok.finish().text
@@ -131,10 +140,11 @@ class Generator:
                     break
         finally:
             await outputs.aclose()  # aborts the engine request if it is still running
-            log.info("request %s prompt=%d completion=%s ttft_ms=%s total_ms=%.0f", inp.request_id,
-                     len(token_ids), [c.tokens for c in choices],
-                     None if first_token_at is None else round((first_token_at - started) * 1e3),
-                     (time.monotonic() - started) * 1e3)
+            log.debug("request %s prompt=%d completion=%s ttft_ms=%s total_ms=%.0f",
+                      inp.request_id, len(token_ids), [c.tokens for c in choices],
+                      None if first_token_at is None
+                      else round((first_token_at - started) * 1e3),
+                      (time.monotonic() - started) * 1e3)
 
     async def _prepare(self, inp: GenerateInput,
                        ) -> tuple[list[int], tuple[EmbeddingSpan, ...], tuple[str, ...]]:
@@ -148,40 +158,42 @@ class Generator:
         ids = list(inp.prompt_token_ids or [])
         if not ids:
             raise InvalidRequest("one of messages, prompt or prompt_token_ids is required")
-        bad = [t for t in ids if t >= self._vocab_size]
+        vocab_size = self._engine.vocab_size
+        bad = [t for t in ids if t >= vocab_size]
         if bad:
             raise InvalidRequest(f"prompt_token_ids {bad[:5]} are outside the vocabulary "
-                                 f"(size {self._vocab_size})")
+                                 f"(size {vocab_size})")
         return ids, (), ()
 
-    async def _prepare_chat(self, inp: GenerateInput):
-        media = [m for message in inp.messages for m in message.media]
-        if len(media) > self._max_media_items:
-            raise InvalidRequest(f"{len(media)} media items in one request; the limit is "
+    async def _prepare_chat(self, inp: GenerateInput,
+                            ) -> tuple[list[int], tuple[EmbeddingSpan, ...], tuple[str, ...]]:
+        messages = inp.messages or []
+        check_messages(messages)  # before spending encoder time
+        media = [m for message in messages for m in message.media]
+        count = sum(media_count(m) for m in media)
+        if count > self._max_media_items:
+            raise InvalidRequest(f"{count} media items in one request; the limit is "
                                  f"{self._max_media_items}")
-        # A sampled video becomes image frames, so it needs image support.
+        # A video becomes image frames, so it needs image support.
         wanted = {Modality.IMAGE if m.modality == Modality.VIDEO else m.modality for m in media}
         unsupported = wanted - self._family.modalities
         if unsupported:
-            names = ", ".join(sorted(m.name.lower() for m in unsupported))
+            names = ", ".join(sorted(m.label for m in unsupported))
             raise InvalidRequest(f"this model does not accept {names} input")
         if media and self._encoder is None:
             raise InvalidRequest("this deployment has no encoder service; send text only")
-        check_messages(inp.messages)  # before spending encoder time
-        encoded = await self._encoder.encode(media, inp.request_id, inp.timeout) if media else []
-        for item in encoded:
-            if item.embeddings.shape[1] != self._hidden_size:
-                raise Unavailable(f"encoder returned rows of width {item.embeddings.shape[1]}, "
-                                  f"the LLM hidden size is {self._hidden_size}")
-        messages, items = expand_videos(inp.messages, encoded)
-        text = self._family.template.render(messages)
-        prompt = self._family.builder.build(text, [(r.modality, e.num_tokens) for r, e in items])
-        spans = tuple(
-            EmbeddingSpan(start=s.start, embeddings=items[s.item][1].embeddings,
-                          content_hash=items[s.item][1].content_hash)
-            for s in prompt.slots
-        )
-        return prompt.token_ids, spans, tuple(f"mm://sha256:{e.content_hash}" for e in encoded)
+        encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
+                   if self._encoder is not None and media else [])
+        text = self._family.template.render(messages, encoded)
+        slots = [item for items in encoded for item in items]
+        prompt = self._family.builder.build(
+            text, [(Modality.IMAGE if item.frame else part.modality, item.num_tokens)
+                   for part, items in zip(media, encoded) for item in items])
+        spans = tuple(EmbeddingSpan(start=s.start, embeddings=slots[s.item].embeddings,
+                                    content_hash=slots[s.item].content_hash)
+                      for s in prompt.slots)
+        handles = tuple(h for part, items in zip(media, encoded) for h in _handles(part, items))
+        return prompt.token_ids, spans, handles
 
     def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> tuple[LogprobEntry, ...]:
         decode = self._tokenizer.decode
@@ -192,25 +204,10 @@ class Generator:
         )
 
 
-def expand_videos(messages: list[Message], encoded: list[EncodedItem]):
-    """Replaces each sampled video by its frames; returns the messages and (ref, item) pairs."""
-    queue = iter(encoded)
-    items: list[tuple[MediaRef, EncodedItem]] = []
-    out = []
-    for message in messages:
-        parts = []
-        for part in message.parts:
-            if not isinstance(part, MediaRef):
-                parts.append(part)
-                continue
-            item = next(queue)
-            if part.modality != Modality.VIDEO:
-                parts.append(part)
-                items.append((part, item))
-                continue
-            for k, frame in enumerate(item.frames(), start=1):
-                ref = MediaRef(Modality.IMAGE, max_tiles=1, frame=k)
-                parts.append(ref)
-                items.append((ref, frame))
-        out.append(Message(message.role, tuple(parts)))
-    return out, items
+
+def _handles(part: MediaItem, items: list[EncodedItem]) -> list[str]:
+    """The handles a client can send back for a media part: one for a video file (its
+    frames all name it), one per frame of a frame list, one for an image or audio clip."""
+    if part.modality == Modality.VIDEO and not part.frames:
+        return [items[0].handle]
+    return [item.handle for item in items]

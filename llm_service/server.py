@@ -1,39 +1,30 @@
-"""gRPC servicer: protobuf <-> domain at the edge, errors mapped to status codes once."""
+"""gRPC servicer: protobuf <-> domain at the edge; errors map to status codes once
+(mmserve.rpc.calls with errors.STATUS), health and reflection come from mmserve.rpc.server."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from llm_service.engine.protocol import EngineClient, FinishReason, SamplingParams
-from llm_service.errors import (
-    DeadlineExceeded, InvalidRequest, NotFound, Overloaded, PermissionDenied, ServiceError,
-    Unavailable,
-)
+from llm_service.errors import STATUS, InvalidRequest
 from llm_service.generator import Chunk, GenerateInput, Generator
-from llm_service.prompt.messages import MediaRef, Message, Modality, TextPart
-from protos.stubs import load
-
-common_pb2 = load("common_pb2")
-llm_pb2 = load("llm_pb2")
-llm_pb2_grpc = load("llm_pb2_grpc")
+from llm_service.prompt.messages import MediaItem, Message, Modality, Part, TextPart
+from mmserve.rpc.calls import Call, rpc_method, status_for
+from mmserve.rpc.server import GrpcServer
+from mmserve.wire.convert import ref_from_pb
+from protos import common_pb2, llm_pb2, llm_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
-_STATUS = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
+rpc = rpc_method(STATUS, log)
 _FINISH = {
     None: llm_pb2.FINISH_REASON_UNSPECIFIED,
     FinishReason.STOP: llm_pb2.FINISH_REASON_STOP,
@@ -42,31 +33,23 @@ _FINISH = {
 }
 
 
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    for kind in type(exc).__mro__:
-        if kind in _STATUS:
-            return _STATUS[kind]
-    return grpc.StatusCode.INTERNAL
+def grpc_status(exc: BaseException) -> grpc.StatusCode:
+    """The status an error leaves the service with."""
+    return status_for(exc, STATUS)
 
 
-def sampling_from_pb(pb) -> tuple[SamplingParams, tuple[str, ...], bool]:
+# Optional fields left unset keep SamplingParams' defaults (there is one place for each).
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "seed", "repetition_penalty", "logprobs")
+
+
+def sampling_from_pb(pb: llm_pb2.SamplingParams) -> tuple[SamplingParams, tuple[str, ...], bool]:
+    optional = {name: getattr(pb, name) for name in _OPTIONAL if pb.HasField(name)}
     try:
         params = SamplingParams(
-            max_tokens=pb.max_tokens if pb.HasField("max_tokens") else 256,
-            temperature=pb.temperature if pb.HasField("temperature") else 1.0,
-            top_p=pb.top_p if pb.HasField("top_p") else 1.0,
-            top_k=pb.top_k,
-            min_p=pb.min_p,
-            seed=pb.seed if pb.HasField("seed") else None,
-            stop_token_ids=tuple(pb.stop_token_ids),
-            ignore_eos=pb.ignore_eos,
-            min_tokens=pb.min_tokens,
-            repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
-            presence_penalty=pb.presence_penalty,
-            frequency_penalty=pb.frequency_penalty,
-            logprobs=pb.logprobs if pb.HasField("logprobs") else None,
-            n=pb.n or 1,
-        )
+            top_k=pb.top_k, min_p=pb.min_p, stop_token_ids=tuple(pb.stop_token_ids),
+            ignore_eos=pb.ignore_eos, min_tokens=pb.min_tokens,
+            presence_penalty=pb.presence_penalty, frequency_penalty=pb.frequency_penalty,
+            n=pb.n or 1, **optional)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     if any(not s for s in pb.stop):
@@ -75,49 +58,45 @@ def sampling_from_pb(pb) -> tuple[SamplingParams, tuple[str, ...], bool]:
     return params, tuple(pb.stop), skip
 
 
-def _media_from_pb(ref, modality: Modality, **extra) -> MediaRef:
-    if ref.WhichOneof("source") == "data":
-        return MediaRef(modality, data=ref.data, mime_type=ref.mime_type, **extra)
-    if not ref.url:
+def _ref(pb: common_pb2.MediaRef) -> Any:
+    if pb.WhichOneof("source") is None:
         raise InvalidRequest("a media part has neither a url nor data")
-    return MediaRef(modality, url=ref.url, mime_type=ref.mime_type, **extra)
+    return ref_from_pb(pb)
 
 
-def _video_from_pb(video) -> list[MediaRef]:
-    if video.frames:
-        # Frames are single-tile images, as the families' video prompts expect.
-        return [_media_from_pb(f, Modality.IMAGE, max_tiles=1, frame=i + 1)
-                for i, f in enumerate(video.frames)]
-    if not video.HasField("file"):
-        raise InvalidRequest("a video part needs frames or a file")
-    return [_media_from_pb(video.file, Modality.VIDEO, num_frames=video.num_frames)]
+def _part_from_pb(part: llm_pb2.ContentPart) -> Part | None:
+    kind = part.WhichOneof("part")
+    if kind == "text":
+        return TextPart(part.text)
+    if kind == "image":
+        return MediaItem(_ref(part.image), Modality.IMAGE)
+    if kind == "audio":
+        return MediaItem(_ref(part.audio), Modality.AUDIO)
+    if kind == "video":
+        video = part.video
+        if video.frames:
+            return MediaItem(modality=Modality.VIDEO,
+                             frames=tuple(_ref(frame) for frame in video.frames))
+        if not video.HasField("file"):
+            raise InvalidRequest("a video part needs frames or a file")
+        return MediaItem(_ref(video.file), Modality.VIDEO, num_frames=video.num_frames)
+    return None
 
 
-def messages_from_pb(messages) -> list[Message]:
+def messages_from_pb(messages: Iterable[llm_pb2.ChatMessage]) -> list[Message]:
     out = []
     for m in messages:
-        parts = []
-        for part in m.content:
-            kind = part.WhichOneof("part")
-            if kind == "text":
-                parts.append(TextPart(part.text))
-            elif kind == "image":
-                parts.append(_media_from_pb(part.image, Modality.IMAGE))
-            elif kind == "audio":
-                parts.append(_media_from_pb(part.audio, Modality.AUDIO))
-            elif kind == "video":
-                parts.extend(_video_from_pb(part.video))
-        role = "system" if m.role == "developer" else m.role
-        out.append(Message(role=role, parts=tuple(parts)))
+        parts = tuple(p for p in map(_part_from_pb, m.content) if p is not None)
+        out.append(Message(role=m.role, parts=parts))
     return out
 
 
-def input_from_pb(request, context: grpc.aio.ServicerContext) -> GenerateInput:
+def input_from_pb(request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                  request_id: str = "") -> GenerateInput:
     sampling, stop, skip = sampling_from_pb(request.sampling)
     kind = request.WhichOneof("input")
-    metadata = dict(context.invocation_metadata() or ())
     return GenerateInput(
-        request_id=request.request_id or metadata.get("x-request-id") or uuid.uuid4().hex,
+        request_id=request_id or request.request_id or uuid.uuid4().hex,
         messages=messages_from_pb(request.messages.messages) if kind == "messages" else None,
         prompt=request.prompt if kind == "prompt" else None,
         prompt_token_ids=list(request.prompt_token_ids.ids) if kind == "prompt_token_ids" else None,
@@ -129,7 +108,7 @@ def input_from_pb(request, context: grpc.aio.ServicerContext) -> GenerateInput:
     )
 
 
-def chunk_to_pb(chunk: Chunk):
+def chunk_to_pb(chunk: Chunk) -> llm_pb2.GenerateResponse:
     reply = llm_pb2.GenerateResponse(
         index=chunk.index, text=chunk.text, token_ids=chunk.token_ids,
         finish_reason=_FINISH[chunk.finish_reason], media_handles=chunk.media_handles,
@@ -149,25 +128,35 @@ def chunk_to_pb(chunk: Chunk):
 
 
 class LLMServicer(llm_pb2_grpc.LLMServicer):
-    def __init__(self, generator: Generator, engine: EngineClient, model_info: dict) -> None:
+    """Thin: decodes requests, calls the Generator, encodes responses."""
+
+    def __init__(self, generator: Generator, engine: EngineClient,
+                 model_info: Mapping[str, Any]) -> None:
         self._generator = generator
         self._engine = engine
-        self._info = model_info
+        self._info = dict(model_info)
 
-    async def Generate(self, request, context):
+    @rpc
+    async def Generate(self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                       call: Call) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        started = time.perf_counter()
+        prompt_tokens = completion_tokens = 0
         try:
-            inp = input_from_pb(request, context)
-            async for chunk in self._generator.generate(inp):
+            # A client that goes away cancels this; the generator's cleanup aborts the engine.
+            async for chunk in self._generator.generate(
+                    input_from_pb(request, context, call.request_id)):
+                if "ttft_ms" not in call.fields and chunk.token_ids:
+                    call.fields["ttft_ms"] = round((time.perf_counter() - started) * 1e3)
+                if chunk.usage is not None:
+                    prompt_tokens = chunk.usage.prompt_tokens
+                    completion_tokens += chunk.usage.completion_tokens
                 yield chunk_to_pb(chunk)
-        except ServiceError as exc:
-            await context.abort(status_for(exc), str(exc))
-        except asyncio.CancelledError:
-            raise  # the client went away; the generator's cleanup aborted the engine request
-        except Exception:
-            log.exception("Generate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            call.fields.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
-    async def GetModelInfo(self, request, context):
+    @rpc
+    async def GetModelInfo(self, request: llm_pb2.ModelInfoRequest,
+                           context: grpc.aio.ServicerContext, call: Call) -> llm_pb2.ModelInfo:
         s = self._engine.stats()
         return llm_pb2.ModelInfo(
             **self._info,
@@ -180,33 +169,21 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
         )
 
 
-async def watch_health(engine: EngineClient, health_servicer: health.aio.HealthServicer,
-                       interval: float = 1.0) -> None:
-    """Flips the health status to NOT_SERVING when the engine dies."""
+async def watch_health(engine: EngineClient, server: GrpcServer, interval: float = 1.0) -> None:
+    """Reports SERVING while the engine is healthy, NOT_SERVING once it dies."""
     serving = None
     while True:
         now = engine.healthy
         if now != serving:
-            status = (health_pb2.HealthCheckResponse.SERVING if now
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
+            await server.set_serving(now)
             serving = now
         await asyncio.sleep(interval)
 
 
-def build_server(servicer: LLMServicer, address: str,
-                 credentials: grpc.ServerCredentials | None = None):
-    """A grpc.aio server with the LLM, health and reflection services; returns (server, port, health)."""
+def build_server(servicer: LLMServicer) -> GrpcServer:
+    """The LLM service, health and reflection on one server; start() binds it."""
     limit = 64 * 1024 * 1024  # above the gateway body cap: inline media must fit
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
-                                      ("grpc.max_receive_message_length", limit)])
-    llm_pb2_grpc.add_LLMServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    port = (server.add_secure_port(address, credentials) if credentials
-            else server.add_insecure_port(address))
-    return server, port, health_servicer
+    server = GrpcServer(SERVICE_NAME, options=[("grpc.max_send_message_length", limit),
+                                               ("grpc.max_receive_message_length", limit)])
+    llm_pb2_grpc.add_LLMServicer_to_server(servicer, server.grpc)
+    return server

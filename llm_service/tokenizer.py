@@ -15,8 +15,8 @@ from pathlib import Path
 
 from mmserve.transformers_compat import load_fast_tokenizer, tiktoken_backend
 
-QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
-                r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN_SPECIALS = (
     ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     + [f"<|extra_{i}|>" for i in range(205)]
@@ -48,5 +48,6 @@ def _sentencepiece(model_dir: Path):
 
     config_path = model_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return LlamaTokenizer.from_pretrained(model_dir, add_bos_token=config.get("add_bos_token", True),
+    return LlamaTokenizer.from_pretrained(model_dir,
+                                          add_bos_token=config.get("add_bos_token", True),
                                           add_eos_token=config.get("add_eos_token", False))

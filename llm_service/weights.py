@@ -50,7 +50,8 @@ def resolve_checkpoint(spec: str, cache_dir: Path | None = None) -> Path:
         return ensure_embedded_checkpoint(cache_dir)
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no config.json (expected a HF model directory)")
+        raise FileNotFoundError(f"checkpoint {path} has no config.json "
+                                f"(expected a HF model directory)")
     return path
 
 

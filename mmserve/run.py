@@ -13,9 +13,12 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmserve.rpc.tls import TlsFiles, channel_credentials
 
 COLORS = {"encoder": "\033[36m", "llm": "\033[35m", "gateway": "\033[32m"}
 RESET = "\033[0m"
@@ -23,7 +26,8 @@ RESET = "\033[0m"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mmserve.run", description=__doc__)
-    p.add_argument("--config", default=None, help="model YAML for both services (default: embedded)")
+    p.add_argument("--config", default=None,
+                   help="model YAML for both services (default: embedded)")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     p.add_argument("--port", type=int, default=8000, help="gateway port")
     p.add_argument("--llm-port", type=int, default=50051)
@@ -62,12 +66,9 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
-def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if args.tls_cert is None:
-        return None
-    with open(args.tls_ca, "rb") as ca, open(args.tls_key, "rb") as key, \
-            open(args.tls_cert, "rb") as cert:
-        return grpc.ssl_channel_credentials(ca.read(), key.read(), cert.read())
+def client_tls(args: argparse.Namespace) -> TlsFiles:
+    """The supervisor's health checks present the services' own certificate."""
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 async def pump(name: str, stream: asyncio.StreamReader, color: bool) -> None:
@@ -101,7 +102,7 @@ async def http_ready(url: str) -> bool:
 
 async def wait_healthy(args: argparse.Namespace, procs: dict) -> None:
     deadline = time.monotonic() + args.start_timeout
-    credentials = channel_credentials(args)
+    credentials = channel_credentials(client_tls(args))
     checks = {
         "encoder": lambda: grpc_serving(f"127.0.0.1:{args.encoder_port}", credentials),
         "llm": lambda: grpc_serving(f"127.0.0.1:{args.llm_port}", credentials),
@@ -149,15 +150,18 @@ async def run(args: argparse.Namespace) -> int:
             procs[name] = await asyncio.create_subprocess_exec(
                 *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                 env=env, start_new_session=True, preexec_fn=_die_with_parent)
-            pumps.append(asyncio.create_task(pump(name, procs[name].stdout, color)))
+            stdout = procs[name].stdout
+            assert stdout is not None  # stdout=PIPE
+            pumps.append(asyncio.create_task(pump(name, stdout, color)))
         ready = asyncio.create_task(wait_healthy(args, procs))
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
             ready.result()
             print(banner(args, time.monotonic() - started), flush=True)
-            exits = [asyncio.create_task(p.wait()) for p in procs.values()]
-            done, _ = await asyncio.wait({stopped, *exits}, return_when=asyncio.FIRST_COMPLETED)
+            waits: set[asyncio.Task[Any]] = {stopped}
+            waits.update(asyncio.create_task(p.wait()) for p in procs.values())
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if stopped not in done:
                 dead = [n for n, p in procs.items() if p.returncode is not None]
                 print(f"{', '.join(dead)} exited; stopping the rest", file=sys.stderr)

@@ -24,6 +24,7 @@ import inspect
 import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 GENERIC_TOKENIZER = "TokenizersBackend"  # what 5.x writes for a plain tokenizer.json
 
 
-def clip_vision_transformer(config) -> nn.Module:
+def clip_vision_transformer(config: Any) -> nn.Module:
     """A CLIP vision tower with children `embeddings`, `pre_layrnorm`, `encoder`,
     `post_layernorm` (checkpoint names without a `vision_model.` prefix)."""
     from transformers import CLIPVisionModel
@@ -56,7 +57,7 @@ def run_whisper_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def tiktoken_backend(vocab_file: str, pattern: str, special_tokens: list[str]):
+def tiktoken_backend(vocab_file: str, pattern: str, special_tokens: list[str]) -> Any:
     """A `tokenizers.Tokenizer` from tiktoken ranks, the special tokens numbered after them."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -67,7 +68,7 @@ def tiktoken_backend(vocab_file: str, pattern: str, special_tokens: list[str]):
                              **{key: special_tokens}).converted()
 
 
-def load_fast_tokenizer(model_dir: str | Path):
+def load_fast_tokenizer(model_dir: str | Path) -> Any:
     """`AutoTokenizer.from_pretrained`, except that a tokenizer saved by 5.x as its generic
     `TokenizersBackend` loads from `tokenizer.json` where that class does not exist (4.57)."""
     import transformers
@@ -82,7 +83,7 @@ def load_fast_tokenizer(model_dir: str | Path):
     return transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
-def match_gguf_tokenizer(tokenizer, eos_token_id: int) -> None:
+def match_gguf_tokenizer(tokenizer: Any, eos_token_id: int) -> None:
     """No BOS prepended, EOS = the model config's id, whichever line loaded the GGUF."""
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_token_id)
     if getattr(tokenizer, "add_bos_token", False):

@@ -16,6 +16,7 @@ Each step exits 1 with the reason on a broken environment, so the image build st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
 import subprocess
@@ -117,10 +118,8 @@ def check_imports() -> list[str]:
         except Exception as exc:  # any failure here is a broken image
             errors.append(f"{module} ({what}) does not import: {type(exc).__name__}: {exc}")
     for name in ("torch", "transformers", "tensorrt"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             print(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pass
     return errors
 
 

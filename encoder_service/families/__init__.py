@@ -3,15 +3,21 @@
 Each family module exposes `build_preprocessor(config) -> Preprocessor`; adding a
 family is one entry in FAMILIES. Modules are imported on first use, so reading
 this registry (config validation, --print-config) does not import torch.
+Preprocessing never imports a tower: towers consume what it produces.
 """
 
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+from encoder_service.errors import InvalidRequest
+from mmserve.wire.media import Modality
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from encoder_service.config import EncoderConfig
@@ -44,30 +50,49 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Preprocessed:
-    """Tower input for one media item."""
+    """Tower input for one media item; families subclass it with what their tower reads."""
 
-    pixel_values: torch.Tensor  # [num_tiles, 3, H, W] float32 (audio: the family's features)
-    num_tiles: int
-    num_tokens: int = 0  # 0: num_tiles * tokens_per_tile
+    num_tiles: int  # tiles, slices or audio windows
+    num_tokens: int  # embedding rows the tower returns for the whole item
 
 
-class Preprocessor(Protocol):
+@dataclass(frozen=True, slots=True)
+class Tiles(Preprocessed):
+    """Same-size tiles: what the cross-request tile batcher runs."""
+
+    pixel_values: torch.Tensor  # [num_tiles, 3, H, W] float32
+
+
+class Preprocessor(ABC):
+    """Media -> tower input, the plan of it, and the content hash that names the result.
+
+    `media` is an RGB PIL image, or for audio what `decode_audio(bytes)` returns.
+    """
+
     family: str
-    # What `media` may be: "image" (an RGB PIL image); "audio" (what the family's
-    # `decode_audio(bytes)` returns). Families that also set `samples_video = True` take
-    # video files, sampled into frames that are preprocessed as images with max_tiles=1.
-    modalities: tuple[str, ...]
+    modalities: tuple[Modality, ...]  # image and/or audio
     tokens_per_tile: int
+    # Video files are sampled into frames, preprocessed as images with max_tiles=1.
+    samples_video: bool = False
 
+    @abstractmethod
     def plan(self, media: Any, max_tiles: int) -> Plan: ...
 
+    @abstractmethod
     def content_hash(self, media: Any, max_tiles: int) -> str: ...
 
+    @abstractmethod
     def preprocess(self, media: Any, max_tiles: int) -> Preprocessed: ...
+
+    def decode_audio(self, data: bytes) -> np.ndarray:
+        """Audio file bytes -> what `preprocess` takes; families with audio override it."""
+        raise InvalidRequest(f"this encoder ({self.family}) does not take audio")
 
 
 def build_preprocessor(config: EncoderConfig) -> Preprocessor:
     """The configured family's preprocessor."""
     if config.family not in FAMILIES:
         raise ValueError(f"unknown family {config.family!r}; known: {sorted(FAMILIES)}")
-    return importlib.import_module(FAMILIES[config.family]).build_preprocessor(config)
+    preprocessor: Preprocessor = importlib.import_module(
+        FAMILIES[config.family]).build_preprocessor(config)
+    return preprocessor

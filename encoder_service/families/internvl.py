@@ -7,18 +7,19 @@ default filter (bicubic) as the reference does, for bit-identical tiles.
 
 from __future__ import annotations
 
-import hashlib
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from PIL import Image
 
-from encoder_service.config import EncoderConfig
-from encoder_service.families import Plan, Preprocessed
+from encoder_service.families import Plan, Preprocessor, Tiles
+from encoder_service.families.imaging import IMAGENET_MEAN, IMAGENET_STD, image_hash, normalise, rgb
+from mmserve.wire.media import Modality
+
+if TYPE_CHECKING:
+    from encoder_service.config import EncoderConfig
 
 FAMILY = "internvl2"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def tokens_per_tile(image_size: int = 448) -> int:
@@ -77,18 +78,14 @@ def dynamic_preprocess(image: Image.Image, image_size: int = 448, max_num: int =
 
 def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
     """ToTensor (/255) then ImageNet Normalize, in float32: [N, 3, H, W]."""
-    array = np.stack([np.asarray(tile.convert("RGB"), dtype=np.uint8) for tile in tiles])
-    pixels = torch.from_numpy(array).permute(0, 3, 1, 2).float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return pixels.sub(mean).div(std).contiguous()
+    return normalise(tiles, IMAGENET_MEAN, IMAGENET_STD)
 
 
-class InternVL2Preprocessor:
+class InternVL2Preprocessor(Preprocessor):
     """Image -> tiles -> normalised pixel values, and the content hash that names the result."""
 
     family = FAMILY
-    modalities = ("image",)
+    modalities = (Modality.IMAGE,)
     samples_video = True  # video files become frames of one tile each (video.py)
 
     def __init__(self, image_size: int = 448, use_thumbnail: bool = True) -> None:
@@ -110,20 +107,16 @@ class InternVL2Preprocessor:
                     {"thumbnail": thumbnail, "resized": [grid[0] * self.image_size,
                                                          grid[1] * self.image_size]})
 
-    def preprocess(self, image: Image.Image, max_tiles: int) -> Preprocessed:
+    def preprocess(self, image: Image.Image, max_tiles: int) -> Tiles:
         # RGB before resizing, as the reference loads it (PIL resizes RGBA premultiplied).
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        tiles = dynamic_preprocess(rgb, self.image_size, max_tiles, self.use_thumbnail)
-        return Preprocessed(to_pixel_values(tiles), len(tiles), len(tiles) * self.tokens_per_tile)
+        tiles = dynamic_preprocess(rgb(image), self.image_size, max_tiles, self.use_thumbnail)
+        return Tiles(num_tiles=len(tiles), num_tokens=len(tiles) * self.tokens_per_tile,
+                     pixel_values=to_pixel_values(tiles))
 
     def content_hash(self, image: Image.Image, max_tiles: int) -> str:
         """sha256 (hex) of the RGB pixels, the size and every parameter that shapes the output."""
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        params = (f"family={FAMILY};image_size={self.image_size};max_tiles={max_tiles};"
-                  f"thumbnail={int(self.use_thumbnail)};size={rgb.width}x{rgb.height};")
-        digest = hashlib.sha256(params.encode())
-        digest.update(rgb.tobytes())
-        return digest.hexdigest()
+        return image_hash(f"family={FAMILY};image_size={self.image_size};max_tiles={max_tiles};"
+                          f"thumbnail={int(self.use_thumbnail)};", image)
 
 
 def build_preprocessor(config: EncoderConfig) -> InternVL2Preprocessor:

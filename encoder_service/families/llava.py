@@ -10,21 +10,22 @@ canvases equally) it picks a transposed canvas: 300x200 gives 976 rows here and
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from PIL import Image
 
-from encoder_service.config import EncoderConfig
-from encoder_service.families import Plan
-from encoder_service.towers.checkpoint import read_config
+from encoder_service.checkpoint import read_config
+from encoder_service.families import Plan, Preprocessor, Tiles
+from encoder_service.families.imaging import CLIP_MEAN, CLIP_STD, image_hash, normalise, rgb
+from mmserve.wire.media import Modality
+
+if TYPE_CHECKING:
+    from encoder_service.config import EncoderConfig
 
 FAMILY = "llava-1.6"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # LLaVA-1.6's default canvases, (width, height); checkpoints carry their own.
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
@@ -70,27 +71,22 @@ def unpadded_grid(width: int, height: int, grid_h: int, grid_w: int,
 
 def to_pixel_values(crops: list[Image.Image]) -> torch.Tensor:
     """/255 then CLIP mean/std, float32 [N, 3, S, S]."""
-    array = np.stack([np.asarray(crop.convert("RGB"), dtype=np.uint8) for crop in crops])
-    pixels = torch.from_numpy(array).permute(0, 3, 1, 2).float().div(255)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return pixels.sub(mean).div(std).contiguous()
+    return normalise(crops, CLIP_MEAN, CLIP_STD)
 
 
 @dataclass(frozen=True, slots=True)
-class LlavaInputs:
-    pixel_values: torch.Tensor  # [1 + rows*cols, 3, S, S]: base image first, then crops row-major
+class LlavaInputs(Tiles):
+    """pixel_values: [1 + rows*cols, 3, S, S], the base image first, then crops row-major."""
+
     grid: tuple[int, int]  # (rows, cols) of crops
     image_size: tuple[int, int]  # original (width, height), for unpadding
-    num_tiles: int
-    num_tokens: int
 
 
-class LlavaPreprocessor:
+class LlavaPreprocessor(Preprocessor):
     """Image -> base image + anyres crops, the row count it will encode to, and its hash."""
 
     family = FAMILY
-    modalities = ("image",)
+    modalities = (Modality.IMAGE,)
 
     def __init__(self, crop_size: int = 336, patch_size: int = 14,
                  pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS) -> None:
@@ -122,23 +118,21 @@ class LlavaPreprocessor:
 
     def preprocess(self, image: Image.Image, max_tiles: int = 0) -> LlavaInputs:
         """`max_tiles` is not used: the checkpoint's pinpoints bound the grid."""
-        image = image if image.mode == "RGB" else image.convert("RGB")
+        image = rgb(image)
         rows, cols = self.grid(image.width, image.height)
         size = self.crop_size
         padded = resize_and_pad(image, (cols * size, rows * size))
         crops = [image.resize((size, size))]
         crops += [padded.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
                   for r in range(rows) for c in range(cols)]
-        return LlavaInputs(to_pixel_values(crops), (rows, cols), (image.width, image.height),
-                           len(crops), self.num_tokens(image.width, image.height))
+        return LlavaInputs(num_tiles=len(crops),
+                           num_tokens=self.num_tokens(image.width, image.height),
+                           pixel_values=to_pixel_values(crops), grid=(rows, cols),
+                           image_size=(image.width, image.height))
 
     def content_hash(self, image: Image.Image, max_tiles: int = 0) -> str:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        params = (f"family={FAMILY};crop={self.crop_size};pinpoints={self.pinpoints};"
-                  f"size={rgb.width}x{rgb.height};")
-        digest = hashlib.sha256(params.encode())
-        digest.update(rgb.tobytes())
-        return digest.hexdigest()
+        return image_hash(f"family={FAMILY};crop={self.crop_size};pinpoints={self.pinpoints};",
+                          image)
 
 
 def build_preprocessor(config: EncoderConfig) -> LlavaPreprocessor:

@@ -11,18 +11,27 @@ features; the tower turns them into `span` rows (bos, audio rows, eos).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from encoder_service.audio import SAMPLE_RATE, AudioFeatures, AudioPreprocessor, audio_lengths
-from encoder_service.config import EncoderConfig
-from encoder_service.families import Plan
-from encoder_service.towers.checkpoint import read_config
+from encoder_service.checkpoint import read_config
+from encoder_service.families import Plan, Preprocessed, Preprocessor
+from encoder_service.families.audio import (
+    SAMPLE_RATE,
+    AudioFeatures,
+    AudioPreprocessor,
+    audio_lengths,
+)
+from encoder_service.families.imaging import image_hash, rgb, to_pixels
+from mmserve.wire.media import Modality
+
+if TYPE_CHECKING:
+    from encoder_service.config import EncoderConfig
 
 FAMILY = "megrez-omni"
 SCALE_RESOLUTION = 448
@@ -92,28 +101,22 @@ def slice_image(image: Image.Image, max_slices: int = MAX_SLICES
     return source, slices, grid
 
 
-def to_pixels(images: list[Image.Image]) -> torch.Tensor:
-    """Same-size RGB images -> float32 [N, 3, H, W] in 0..255."""
-    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2).float().contiguous()
-
-
 @dataclass(frozen=True, slots=True)
-class MegrezImageInputs:
+class MegrezImageInputs(Preprocessed):
+    """num_tiles: 1 + n; num_tokens: 64 per source or slice."""
+
     source: torch.Tensor  # [1, 3, h, w], 0..255
     slices: torch.Tensor | None  # [n, 3, h', w'], 0..255, row-major; None when not sliced
-    num_tiles: int  # 1 + n
-    num_tokens: int  # 64 per source or slice
 
 
-class MegrezPreprocessor:
+class MegrezPreprocessor(Preprocessor):
     """Images -> source + slices; audio (decoded 16 kHz samples) -> log-mel features.
 
     For images `max_tiles` caps the slices (at most MiniCPM-V's 9); audio ignores it.
     """
 
     family = FAMILY
-    modalities = ("image", "audio")
+    modalities = (Modality.IMAGE, Modality.AUDIO)
     tokens_per_tile = QUERY_NUM
 
     def __init__(self, n_mels: int = 128, max_audio_seconds: float = 30.0) -> None:
@@ -148,20 +151,16 @@ class MegrezPreprocessor:
                    max_tiles: int = 0) -> MegrezImageInputs | AudioFeatures:
         if isinstance(media, np.ndarray):
             return self.audio.features(media)
-        image = media if media.mode == "RGB" else media.convert("RGB")
-        source, slices, _ = slice_image(image, self._max_slices(max_tiles))
-        return MegrezImageInputs(to_pixels([source]), to_pixels(slices) if slices else None,
-                                 1 + len(slices), QUERY_NUM * (1 + len(slices)))
+        source, slices, _ = slice_image(rgb(media), self._max_slices(max_tiles))
+        return MegrezImageInputs(num_tiles=1 + len(slices),
+                                 num_tokens=QUERY_NUM * (1 + len(slices)),
+                                 source=to_pixels([source]),
+                                 slices=to_pixels(slices) if slices else None)
 
     def content_hash(self, media: Image.Image | np.ndarray, max_tiles: int = 0) -> str:
         if isinstance(media, np.ndarray):
             return self.audio.content_hash(media)
-        rgb = media if media.mode == "RGB" else media.convert("RGB")
-        params = (f"family={FAMILY};max_slices={self._max_slices(max_tiles)};"
-                  f"size={rgb.width}x{rgb.height};")
-        digest = hashlib.sha256(params.encode())
-        digest.update(rgb.tobytes())
-        return digest.hexdigest()
+        return image_hash(f"family={FAMILY};max_slices={self._max_slices(max_tiles)};", media)
 
 
 def build_preprocessor(config: EncoderConfig) -> MegrezPreprocessor:

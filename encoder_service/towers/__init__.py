@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
-from encoder_service.config import EncoderConfig
+from encoder_service.config import DEMO_HIDDEN_SIZE, EncoderConfig
 from encoder_service.towers.base import Tower
-from encoder_service.wire import torch_dtype
+from mmserve.wire.chunks import torch_dtype
 
 # family -> module of its real tower (tower "torch"); each exposes
 # `build(config) -> Tower` and `output_width(checkpoint_dir) -> int`.
@@ -32,20 +33,30 @@ def checkpoint_hidden_size(family: str, checkpoint_dir: str) -> int:
 
 
 def build_tower(config: EncoderConfig) -> Tower:
-    """Loads the configured tower (slow for real checkpoints: call it off the event loop)."""
+    """Loads the configured tower (slow for real checkpoints: call it off the event loop).
+
+    A configured hidden_size must equal the tower's output width (the LLM hidden size);
+    for torch and TensorRT towers it is checked from the checkpoint's config before any
+    weight is read.
+    """
     if config.tower == "demo":
-        from encoder_service.towers.demo import DemoTower
+        from encoder_service.towers.demo import DemoTower  # builds its module at import
 
-        return DemoTower(hidden_size=config.hidden_size, dtype=torch_dtype(config.dtype),
-                         seed=config.seed, image_size=config.image_size)
+        return DemoTower(hidden_size=config.hidden_size or DEMO_HIDDEN_SIZE,
+                         dtype=torch_dtype(config.dtype), seed=config.seed,
+                         image_size=config.image_size)
+    width = checkpoint_hidden_size(config.family, config.checkpoint_dir)
+    if config.hidden_size is not None and config.hidden_size != width:
+        raise ValueError(f"hidden_size {config.hidden_size} does not match the checkpoint's "
+                         f"LLM hidden size {width} ({config.checkpoint})")
     if config.tower == "torch":
-        return _torch_tower_module(config.family).build(config)
+        tower: Tower = _torch_tower_module(config.family).build(config)
+        return tower
     if config.tower == "tensorrt":
-        from pathlib import Path
-
-        from encoder_service.towers.tensorrt import TensorRTTower
+        from encoder_service.towers.tensorrt import TensorRTTower  # imports tensorrt
 
         device = config.device if config.device.startswith("cuda") else "cuda"
+        assert config.tensorrt_engine is not None  # EncoderConfig requires it for tensorrt
         return TensorRTTower(Path(config.tensorrt_engine), torch_dtype(config.dtype),
                              config.image_size, device=device)
     raise ValueError(f"unknown tower {config.tower!r}")

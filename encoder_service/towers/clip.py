@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig
 
+from encoder_service.checkpoint import load_state_dict, read_config
 from encoder_service.config import EncoderConfig
+from encoder_service.families import Preprocessed
 from encoder_service.families.llava import LlavaInputs, unpadded_grid
 from encoder_service.towers.base import Tower
-from encoder_service.towers.checkpoint import load_state_dict, read_config
-from encoder_service.wire import torch_dtype
 from mmserve.transformers_compat import clip_vision_transformer
+from mmserve.wire.chunks import torch_dtype
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
@@ -75,8 +76,10 @@ class LlavaVision(nn.Module):
 
 class LlavaTower(Tower):
     """LLaVA-1.6 vision tower. Crops are all S x S, so `encode` runs any crops (of several
-    images, batched across requests); `merge_item` turns one image's crop features into its
+    images, batched across requests); `merge` turns one image's crop features into its
     full, variable-length rows."""
+
+    module: LlavaVision
 
     def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> None:
         config = read_config(checkpoint_dir)
@@ -110,15 +113,13 @@ class LlavaTower(Tower):
             rows = self.module(pixel_values.to(self.device, self.compute_dtype))
         return rows.to("cpu", self.dtype)
 
-    def merge_item(self, features: torch.Tensor, inputs: LlavaInputs) -> torch.Tensor:
+    def merge(self, tiles: torch.Tensor, prepared: Preprocessed) -> torch.Tensor:
         """One image's [1 + crops, 576, hidden] features -> its [576 + rows*cols + rows, hidden]
         rows, as the LLM consumes them."""
+        if not isinstance(prepared, LlavaInputs):
+            raise TypeError(f"LlavaTower merges LlavaInputs, got {type(prepared).__name__}")
         with torch.inference_mode():
-            return self.module.merge(features, inputs, self.side)
-
-    def encode_item(self, inputs: LlavaInputs) -> torch.Tensor:
-        """One image -> its rows (encode, then merge_item)."""
-        return self.merge_item(self.encode(inputs.pixel_values), inputs)
+            return self.module.merge(tiles, prepared, self.side)
 
 
 def output_width(checkpoint_dir: str | Path) -> int:
@@ -128,7 +129,7 @@ def output_width(checkpoint_dir: str | Path) -> int:
 
 
 def build(config: EncoderConfig) -> LlavaTower:
-    return LlavaTower(config.checkpoint, torch_dtype(config.dtype), config.device)
+    return LlavaTower(config.checkpoint_dir, torch_dtype(config.dtype), config.device)
 
 
 def _read_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -89,6 +89,8 @@ class _DemoInternVL(nn.Module):
 class DemoTower(Tower):
     """Seeded random InternViT-shaped tower; the same seed gives the same weights."""
 
+    module: _DemoInternVL
+
     def __init__(self, hidden_size: int, dtype: torch.dtype, seed: int, image_size: int = 448,
                  width: int = 64, layers: int = 2, heads: int = 4) -> None:
         self.hidden_size = hidden_size

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
+from encoder_service.checkpoint import load_state_dict, read_config, take
 from encoder_service.config import EncoderConfig
 from encoder_service.towers.base import ModuleTower
-from encoder_service.towers.checkpoint import load_state_dict, read_config, take
 from encoder_service.towers.demo import pixel_shuffle
-from encoder_service.wire import torch_dtype
+from mmserve.wire.chunks import torch_dtype
 
 _LAYER_RENAMES = {"attn.proj.": "attention.projection_layer.", "attn.q_norm.": "attention.q_norm.",
                   "attn.k_norm.": "attention.k_norm.", "norm1.": "layernorm_before.",
@@ -139,7 +139,7 @@ class InternViTTower(ModuleTower):
 
 
 def build(config: EncoderConfig) -> InternViTTower:
-    tower = InternViTTower(config.checkpoint, torch_dtype(config.dtype), config.device)
+    tower = InternViTTower(config.checkpoint_dir, torch_dtype(config.dtype), config.device)
     if tower.image_size != config.image_size:
         raise ValueError(f"image_size {config.image_size} != the checkpoint's tile size "
                          f"{tower.image_size} (force_image_size)")

@@ -25,19 +25,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from encoder_service.towers.base import Tower
+from encoder_service.config import EncoderConfig
+from encoder_service.towers import build_tower
+from encoder_service.towers.base import INPUT_NAME, OUTPUT_NAME, Tower
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME, OUTPUT_NAME = "pixel_values", "embeddings"
 
 
 def tower_module(tower: Tower) -> nn.Module:
     """The tower's nn.Module: pixel values [N, 3, S, S] -> [N, tokens_per_tile, hidden].
 
-    Towers expose it as `module`; the demo tower keeps it as `_model`.
     """
-    module = getattr(tower, "module", None) or getattr(tower, "_model", None)
+    module = getattr(tower, "module", None)  # declared by Tower; tolerant of other objects
     if not isinstance(module, nn.Module):
         raise ValueError(f"{type(tower).__name__} exposes no torch module to export")
     return module
@@ -146,9 +146,6 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from encoder_service.config import EncoderConfig
-    from encoder_service.towers import build_tower
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

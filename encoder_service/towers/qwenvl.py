@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoder_service.checkpoint import load_state_dict, read_config
 from encoder_service.config import EncoderConfig
 from encoder_service.towers.base import ModuleTower
-from encoder_service.towers.checkpoint import load_state_dict, read_config
-from encoder_service.wire import torch_dtype
+from mmserve.wire.chunks import torch_dtype
 
 PREFIX = "transformer.visual."
 EPS = 1e-6  # every LayerNorm of the visual tower
@@ -159,7 +159,7 @@ class QwenVLTower(ModuleTower):
 
 
 def build(config: EncoderConfig) -> QwenVLTower:
-    tower = QwenVLTower(config.checkpoint, torch_dtype(config.dtype), config.device)
+    tower = QwenVLTower(config.checkpoint_dir, torch_dtype(config.dtype), config.device)
     if tower.image_size != config.image_size:
         raise ValueError(f"image_size {config.image_size} != the checkpoint's visual.image_size "
                          f"{tower.image_size}")

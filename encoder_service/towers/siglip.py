@@ -22,13 +22,14 @@ from torch import nn
 from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
-from encoder_service.audio import AudioFeatures
+from encoder_service.checkpoint import load_state_dict, read_config
 from encoder_service.config import EncoderConfig
+from encoder_service.families import Preprocessed
+from encoder_service.families.audio import AudioFeatures
 from encoder_service.families.megrez import QUERY_NUM, MegrezImageInputs
 from encoder_service.towers.base import Tower
-from encoder_service.towers.checkpoint import load_state_dict, read_config
 from encoder_service.towers.whisper import WhisperAudioEncoder
-from encoder_service.wire import torch_dtype
+from mmserve.wire.chunks import torch_dtype
 
 VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps")
@@ -105,8 +106,11 @@ class MegrezVision(nn.Module):
 class MegrezTower(Tower):
     """Images -> 64 rows per source/slice; audio (when the checkpoint has it) -> span rows.
 
-    `encode_item` takes one item's preprocessed inputs (families/megrez.py), image or audio.
+    Source and slices differ in size and audio is no tile, so items do not share tower
+    calls: `encode_item` takes one item's preprocessed inputs (families/megrez.py).
     """
+
+    batches_tiles = False
 
     def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> None:
         config = read_config(checkpoint_dir)
@@ -142,13 +146,17 @@ class MegrezTower(Tower):
             rows = self.vision(pixel_values.to(self.device, self.compute_dtype))
         return rows.to("cpu", self.dtype)
 
-    def encode_item(self, inputs: MegrezImageInputs | AudioFeatures) -> torch.Tensor:
+    def encode_item(self, prepared: Preprocessed) -> torch.Tensor:
         """Image: source then slices -> [64 * (1 + n), hidden]; audio -> [span, hidden]."""
+        inputs = prepared
         if isinstance(inputs, AudioFeatures):
             if self.audio is None:
                 raise ValueError("this Megrez checkpoint has no audio tower")
             with torch.inference_mode():
                 return self.audio(inputs).to("cpu", self.dtype)
+        if not isinstance(inputs, MegrezImageInputs):
+            raise TypeError(f"MegrezTower takes Megrez images or audio, "
+                            f"got {type(inputs).__name__}")
         parts = [inputs.source] + ([inputs.slices] if inputs.slices is not None else [])
         return torch.cat([self.encode(part).flatten(0, 1) for part in parts])
 
@@ -164,7 +172,7 @@ def output_width(checkpoint_dir: str | Path) -> int:
 
 
 def build(config: EncoderConfig) -> MegrezTower:
-    return MegrezTower(config.checkpoint, torch_dtype(config.dtype), config.device)
+    return MegrezTower(config.checkpoint_dir, torch_dtype(config.dtype), config.device)
 
 
 def _load(checkpoint_dir: str | Path, *prefixes: str) -> dict[str, torch.Tensor]:

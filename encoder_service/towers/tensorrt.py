@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-from encoder_service.towers.base import Tower, check_tiles
-from encoder_service.towers.onnx_export import INPUT_NAME, OUTPUT_NAME
+from encoder_service.towers.base import INPUT_NAME, OUTPUT_NAME, Tower, check_tiles
 
 log = logging.getLogger(__name__)
-
 
 
 def _trt():

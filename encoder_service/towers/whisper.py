@@ -21,7 +21,7 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
-from encoder_service.audio import AudioFeatures
+from encoder_service.families.audio import AudioFeatures
 from mmserve.transformers_compat import run_whisper_layer
 
 # OpenAI Whisper block names -> transformers WhisperEncoderLayer names.

@@ -1,8 +1,9 @@
 """TorchEngine: the paged torch engine behind the async EngineClient interface.
 
 The step loop (`engine_core.EngineCore`) runs in a process of its own (the default) or in a
-thread (`EngineConfig.placement`). Requests and aborts reach it as messages; each step's
-outputs come back as one message, routed on the event loop to per-request asyncio queues.
+thread (`EngineConfig.placement`). Requests, aborts and finished choices reach it as typed
+messages; each step's outputs come back as one message, routed on the event loop to
+per-request asyncio queues.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.engine_core import (
-    Abort, Add, CoreProcess, CoreThread, Failed, FromCore, Outputs, Rejected, Started, Stop)
+    Abort, Add, CoreProcess, CoreThread, Failed, Finish, FromCore, Outputs, Rejected, Started,
+    Stop)
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
 from llm_service.engine.protocol import (
     EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason)
 from llm_service.engine.validation import Limits, validate_request
-from llm_service.errors import EngineDead, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,11 @@ class _Failed:
     """Ends a stream: every unfinished choice fails with this message."""
 
     message: str
+
+
+# What a request's stream carries: a step's outputs, the end of a dead engine, or the
+# error that refused the request.
+_StreamItem = list[EngineOutput] | _Failed | Exception
 
 
 class TorchEngine(EngineClient):
@@ -41,20 +48,17 @@ class TorchEngine(EngineClient):
         await engine.shutdown()
 
     Use it from the event loop that started it. `hidden_size`, `vocab_size` and
-    `max_model_len` are set once start() returns.
+    `max_model_len` are known once start() returns (0 before).
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.hidden_size = 0  # set by start() from the checkpoint
-        self.vocab_size = 0
-        self.max_model_len = 0
         self.dtype = ""  # the dtype the model runs in, e.g. "float32"
         self._core: CoreProcess | CoreThread | None = None
         self._limits: Limits | None = None
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue[_StreamItem]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._started: asyncio.Future | None = None
+        self._started: asyncio.Future[Started] | None = None
         self._dead: str | None = None
         self._stats = EngineStats(block_size=config.block_size)
 
@@ -68,13 +72,24 @@ class TorchEngine(EngineClient):
         except Exception as exc:
             self._dead = f"the engine failed to start: {exc}"
             raise
-        self.hidden_size, self.vocab_size = info.hidden_size, info.vocab_size
-        self.max_model_len, self.dtype = info.max_model_len, info.dtype
-        self._limits = Limits(self.max_model_len, self.vocab_size, self.hidden_size,
+        self.dtype = info.dtype
+        self._limits = Limits(info.max_model_len, info.vocab_size, info.hidden_size,
                               self.config.max_num_seqs)
         log.info("torch engine started (%s): %s on %s/%s, %d KV blocks of %d tokens, "
                  "max_model_len %d", self.config.placement, info.family, info.device, info.dtype,
                  info.num_blocks, info.block_size, self.max_model_len)
+
+    @property
+    def hidden_size(self) -> int:
+        return self._limits.hidden_size if self._limits else 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self._limits.vocab_size if self._limits else 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self._limits.max_model_len if self._limits else 0
 
     async def shutdown(self) -> None:
         if self._core is None:
@@ -85,12 +100,16 @@ class TorchEngine(EngineClient):
         self._dead = self._dead or "the engine is shut down"
         self._fail_all(self._dead)
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         return self._generate(request)
 
     async def abort(self, request_id: str) -> None:
         if self._core is not None:
             self._core.send(Abort(request_id))
+
+    async def finish(self, request_id: str, index: int) -> None:
+        if self._core is not None:
+            self._core.send(Finish(request_id, index))
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -99,16 +118,17 @@ class TorchEngine(EngineClient):
     def healthy(self) -> bool:
         return self._dead is None and self._core is not None and self._core.alive
 
-    async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        if self._dead is not None or self._limits is None:
+    async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+        if self._dead is not None or self._limits is None or self._core is None:
             raise EngineDead(self._dead or "the engine is not started")
+        core = self._core
         validate_request(request, self._limits)
         rid = request.request_id
         if rid in self._streams:
             raise InvalidRequest(f"request id {rid!r} is already in use")
-        stream: asyncio.Queue = asyncio.Queue()
+        stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
         self._streams[rid] = stream
-        self._core.send(Add(request))
+        core.send(Add(request))
         unfinished = set(range(request.sampling.n))
         try:
             while unfinished:
@@ -136,11 +156,12 @@ class TorchEngine(EngineClient):
             if self._streams.get(rid) is stream:
                 del self._streams[rid]
             if unfinished:  # the caller stopped listening: free what the request holds
-                self._core.send(Abort(rid))
+                core.send(Abort(rid))
 
     # --- messages from the core, on whichever thread receives them ----------------------------
 
     def _from_core(self, message: FromCore) -> None:
+        assert self._loop is not None  # start() set it before the core could send anything
         self._loop.call_soon_threadsafe(self._handle, message)
 
     def _handle(self, message: FromCore) -> None:
@@ -158,9 +179,11 @@ class TorchEngine(EngineClient):
             if stream is not None:
                 stream.put_nowait(Overloaded(message.message))
         elif isinstance(message, Started):
+            assert self._started is not None
             self._started.set_result(message)
         elif isinstance(message, Failed):
             if message.at_start:
+                assert self._started is not None
                 self._started.set_exception(_start_error(message))
                 return
             log.error("torch engine died: %s", message.message)

@@ -10,6 +10,7 @@ vLLM and TGI. Stop strings are held back until they can no longer match.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 _REPLACEMENT = "\ufffd"
 
@@ -23,7 +24,7 @@ class Delta:
 
 @dataclass(slots=True)
 class IncrementalDetokenizer:
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer (decode(ids, skip_special_tokens=...))
     stop: tuple[str, ...] = ()
     skip_special_tokens: bool = True
     _ids: list[int] = field(default_factory=list)

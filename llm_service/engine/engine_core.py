@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llm_service.engine.config import EngineConfig
+from llm_service.engine.errors import Overloaded
 from llm_service.engine.protocol import EngineOutput, EngineRequest, EngineStats
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,14 @@ class Add:
 @dataclass(frozen=True, slots=True)
 class Abort:
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Ends one choice with STOP (its caller matched a stop string) and frees its blocks."""
+
+    request_id: str
+    index: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +91,7 @@ class Failed:
     kind: str = ""  # the exception's type, for start-up failures callers tell apart
 
 
-ToCore = Add | Abort | Stop
+ToCore = Add | Abort | Finish | Stop
 FromCore = Started | Outputs | Rejected | Failed
 
 
@@ -110,7 +119,8 @@ class EngineCore:
                        runner.num_blocks, self.config.block_size, runner.spec.hidden_size,
                        runner.spec.vocab_size, runner.max_model_len)
 
-    def run(self, receive: Callable[[bool], list[ToCore]], send: Callable[[FromCore], None]) -> None:
+    def run(self, receive: Callable[[bool], list[ToCore]],
+            send: Callable[[FromCore], None]) -> None:
         """Applies messages and steps until Stop; `receive(block)` waits for messages only
         when there is nothing to compute."""
         sched = self.scheduler
@@ -122,6 +132,8 @@ class EngineCore:
                     return
                 if isinstance(message, Add):
                     self._add(message.request, send)
+                elif isinstance(message, Finish):
+                    send(Outputs(sched.finish(message.request_id, message.index), self.stats()))
                 else:
                     send(Outputs(sched.abort(message.request_id), self.stats()))
             if sched.has_work:
@@ -130,8 +142,6 @@ class EngineCore:
                 send(Outputs(self.step(), self.stats()))
 
     def _add(self, request: EngineRequest, send: Callable[[FromCore], None]) -> None:
-        from llm_service.errors import Overloaded
-
         try:
             self.scheduler.add(request)
         except Overloaded as exc:

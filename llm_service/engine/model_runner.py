@@ -109,7 +109,7 @@ class ModelRunner:
             self.sampler.forget(seq_id)
         inputs = self.prepare(step.scheduled)
         hidden = self.model(inputs.embeds, inputs.positions, self.kv_cache, inputs.meta)
-        token_ids = [-1] * len(step.scheduled)
+        token_ids: list[int | None] = [None] * len(step.scheduled)
         if not inputs.sample_rows:
             return RunnerOutput(token_ids)
         rows = torch.tensor(inputs.sample_rows, device=self.device)

@@ -34,7 +34,7 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class RunnerOutput:
-    # Aligned with SchedulerOutput.scheduled: the sampled token, or -1 for a prefill chunk
+    # Aligned with SchedulerOutput.scheduled: the sampled token, or None for a prefill chunk
     # that does not reach the end of its sequence.
-    token_ids: list[int]
+    token_ids: list[int | None]
     logprobs: list[TokenLogprob | None] | None = None  # None when nobody asked for logprobs

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,7 +57,8 @@ class SamplingParams:
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20,
              f"logprobs must be in [0, 20], got {self.logprobs}"),
-            (1 <= self.n <= 16, f"n must be in [1, 16], got {self.n}"),
+            # The upper bound is the engine's (its max_num_seqs): validation.py checks it.
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -137,6 +138,21 @@ class EngineStats:
 class EngineClient(ABC):
     """What the LLM servicer needs from an engine."""
 
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the model's embeddings (and of every EmbeddingSpan row); set by start()."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Token ids are in [0, vocab_size); set by start()."""
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """Prompt plus output tokens one sequence may hold; set by start()."""
+
     @abstractmethod
     async def start(self) -> None:
         """Loads the model and starts the step loop."""
@@ -146,15 +162,22 @@ class EngineClient(ABC):
         """Stops the step loop; pending requests finish with ABORT."""
 
     @abstractmethod
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Submits a request and yields its outputs. Closing the iterator early aborts it.
 
-        Raises InvalidRequest (bad request) or Overloaded (queue full) on first iteration.
+        Raises InvalidRequest (bad request) or Overloaded (queue full) on first iteration
+        (engine/errors.py).
         """
 
     @abstractmethod
     async def abort(self, request_id: str) -> None:
         """Frees everything the request holds; a no-op for unknown ids."""
+
+    @abstractmethod
+    async def finish(self, request_id: str, index: int) -> None:
+        """Ends choice `index` of a running request with STOP now (its caller matched a
+        stop string) and frees what that choice holds; its siblings go on. A no-op when
+        the choice or the request has already finished."""
 
     @abstractmethod
     def stats(self) -> EngineStats: ...

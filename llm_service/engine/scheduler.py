@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from llm_service.engine.block_manager import BlockManager
+from llm_service.engine.errors import Overloaded
 from llm_service.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from llm_service.engine.protocol import EngineOutput, EngineRequest, TokenLogprob
 from llm_service.engine.sequence import Sequence, SequenceStatus
-from llm_service.errors import Overloaded
 
 
 class Scheduler:
@@ -66,22 +66,45 @@ class Scheduler:
         """Finishes every choice of a request with ABORT and frees its blocks."""
         outputs = []
         for seq in self.requests.pop(request_id, ()):
-            if seq.status == SequenceStatus.WAITING:
-                self.waiting = [item for item in self.waiting if item[1] is not seq]
-                heapq.heapify(self.waiting)
-            elif seq.status == SequenceStatus.RUNNING:
-                self.running.remove(seq)
-                self.block_manager.free(seq)
-            else:
+            if not self._release(seq, SequenceStatus.FINISHED_ABORTED):
                 continue
-            seq.status = SequenceStatus.FINISHED_ABORTED
             seq.error = error
-            self._released.append(seq.seq_id)
             outputs.append(self._output(seq, []))
             # Choices not forked yet end too, so the caller sees every index finish.
             outputs += [replace(outputs[-1], index=seq.index + k, num_output_tokens=0)
                         for k in range(1, seq.num_pending_forks + 1)]
         return outputs
+
+    def finish(self, request_id: str, index: int) -> list[EngineOutput]:
+        """Finishes one choice with STOP now and frees its blocks; its siblings go on.
+
+        Its caller matched a stop string in the choice's text. A choice that has produced
+        text exists and has forked its siblings (at its first sampled token), so anything
+        else (an unknown index, pending forks, a finished choice) is a no-op.
+        """
+        choices = self.requests.get(request_id, [])
+        seq = next((s for s in choices if s.index == index), None)
+        if seq is None or seq.num_pending_forks or \
+                not self._release(seq, SequenceStatus.FINISHED_STOPPED):
+            return []
+        if all(s.status.is_finished for s in choices):
+            del self.requests[request_id]
+        return [self._output(seq, [])]
+
+    def _release(self, seq: Sequence, status: SequenceStatus) -> bool:
+        """Takes an unfinished sequence out of its queue and frees its blocks; False when it
+        had already finished."""
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting = [item for item in self.waiting if item[1] is not seq]
+            heapq.heapify(self.waiting)
+        elif seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        else:
+            return False
+        seq.status = status
+        self._released.append(seq.seq_id)
+        return True
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_seq_ids=self._released)
@@ -113,6 +136,7 @@ class Scheduler:
                 continue
             if seq.num_pending_forks:
                 self._fork(seq)
+            assert token is not None, item  # a sampling step yields a token
             seq.token_ids.append(token)
             status = self._stop_status(seq, token)
             if status is not None:

@@ -1,19 +1,31 @@
-"""Checks a request against the loaded model before it reaches the engine thread."""
+"""Checks a request against the loaded model before it reaches an engine's queue.
+
+Both engines (torch and TensorRT-LLM) call `validate_request` with their own `Limits`, so a
+request is refused with the same words whichever engine serves it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from llm_service.engine.protocol import EngineRequest
-from llm_service.errors import InvalidRequest
+from llm_service.engine.errors import InvalidRequest
+from llm_service.engine.protocol import EmbeddingSpan, EngineRequest
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_model_len: int
+    max_model_len: int  # prompt + output tokens of one sequence
     vocab_size: int
-    hidden_size: int
-    max_num_seqs: int
+    hidden_size: int  # the width every embedding row must have
+    max_num_seqs: int  # sequences running at once: the most choices (n) one request may have
+    max_input_len: int | None = None  # a built engine's own cap on prompt tokens
+
+    @property
+    def max_prompt_len(self) -> int:
+        """One position stays free for output."""
+        limit = self.max_model_len - 1
+        return limit if self.max_input_len is None else min(limit, self.max_input_len)
 
 
 def validate_request(request: EngineRequest, limits: Limits) -> None:
@@ -26,14 +38,14 @@ def validate_request(request: EngineRequest, limits: Limits) -> None:
     n = len(ids)
     if n == 0:
         raise InvalidRequest("the prompt is empty")
-    if n >= limits.max_model_len:
-        raise InvalidRequest(f"the prompt has {n} tokens but max_model_len is "
-                             f"{limits.max_model_len}; shorten it to at most "
-                             f"{limits.max_model_len - 1} tokens to leave room for output")
+    if n > limits.max_prompt_len:
+        raise InvalidRequest(f"the prompt has {n} tokens; this engine takes at most "
+                             f"{limits.max_prompt_len} (max_model_len is {limits.max_model_len}, "
+                             f"with room for output): shorten it")
     if request.sampling.n > limits.max_num_seqs:
         raise InvalidRequest(f"n={request.sampling.n} exceeds the engine's max_num_seqs="
-                             f"{limits.max_num_seqs}")
-    _check_spans(request, limits.hidden_size)
+                             f"{limits.max_num_seqs}; ask for fewer choices")
+    check_spans(request.spans, n, limits.hidden_size)
     if min(ids) < 0 or max(ids) >= limits.vocab_size:
         covered = {p for s in request.spans for p in range(s.start, s.end)}
         for position, token in enumerate(ids):
@@ -42,22 +54,22 @@ def validate_request(request: EngineRequest, limits: Limits) -> None:
                                      f"vocabulary [0, {limits.vocab_size})")
 
 
-def _check_spans(request: EngineRequest, hidden_size: int) -> None:
-    n = len(request.prompt_token_ids)
+def check_spans(spans: Iterable[EmbeddingSpan], prompt_len: int, hidden_size: int) -> None:
+    """Span geometry: 2-D floating-point rows of the model's width, inside the prompt, in
+    order without overlap, each naming its content."""
     end = 0
-    for i, span in enumerate(sorted(request.spans, key=lambda s: s.start)):
+    for i, span in enumerate(sorted(spans, key=lambda s: s.start)):
         shape = tuple(getattr(span.embeddings, "shape", ()))
-        if len(shape) != 2:
-            raise InvalidRequest(f"span {i}: embeddings must be 2-D [rows, hidden], got {shape}")
-        if shape[1] != hidden_size:
-            raise InvalidRequest(f"span {i}: embedding width {shape[1]} != the model's hidden "
-                                 f"size {hidden_size}")
+        if len(shape) != 2 or shape[1] != hidden_size:
+            width = f"width {shape[1]}" if len(shape) == 2 else f"shape {list(shape)}"
+            raise InvalidRequest(f"span {i}: embedding rows have {width}; the engine expects "
+                                 f"[rows, {hidden_size}] (its hidden size)")
         if not getattr(span.embeddings.dtype, "is_floating_point", False):
             raise InvalidRequest(f"span {i}: embeddings must be floating point, "
                                  f"got {span.embeddings.dtype}")
-        if span.length < 1 or span.start < 0 or span.end > n:
+        if span.length < 1 or span.start < 0 or span.end > prompt_len:
             raise InvalidRequest(f"span {i} covers positions [{span.start}, {span.end}), outside "
-                                 f"the prompt's [0, {n})")
+                                 f"the prompt's [0, {prompt_len})")
         if span.start < end:
             raise InvalidRequest(f"span {i} at position {span.start} overlaps the previous span")
         if not span.content_hash:

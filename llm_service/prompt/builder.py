@@ -56,7 +56,8 @@ class PromptBuilder:
         pieces = MARKER_RE.split(text)  # text, index, text, index, ..., text
         markers = [int(i) for i in pieces[1::2]]
         if markers != list(range(len(items))):
-            raise InvalidRequest(f"prompt has media markers {markers} but {len(items)} encoded items")
+            raise InvalidRequest(f"prompt has media markers {markers} but {len(items)} "
+                                 f"encoded items")
         ids = list(self._bos)
         slots = []
         for n, piece in enumerate(pieces):

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from llm_service.prompt.builder import MediaFormat, PromptBuilder
 from llm_service.prompt.messages import Modality
 from llm_service.prompt.template import (
-    MARKER, ChatTemplate, HFChatTemplate, MediaSlot, RoleTemplate, bare,
+    MARKER,
+    ChatTemplate,
+    HFChatTemplate,
+    MediaSlot,
+    RoleTemplate,
+    bare,
 )
 
 INTERNVL_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
@@ -41,7 +46,8 @@ class PromptFamily:
 
 def token_id(tokenizer, token: str) -> int:
     ids = tokenizer.convert_tokens_to_ids([token])
-    if not ids or ids[0] is None or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
+    unknown = ids and ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token
+    if not ids or ids[0] is None or unknown:
         raise ValueError(f"the tokenizer has no {token!r} token; is this the right family?")
     return int(ids[0])
 
@@ -157,7 +163,8 @@ def _megrez(tok) -> PromptFamily:
         media_text=megrez_media)
     formats = {Modality.IMAGE: MediaFormat(unk, "<image>", "</image>"),
                Modality.AUDIO: MediaFormat(unk, "<audio>", "</audio>")}
-    return PromptFamily(template, PromptBuilder(tok, formats), _stops(tok, "<|turn_end|>", "<|eos|>"))
+    return PromptFamily(template, PromptBuilder(tok, formats),
+                        _stops(tok, "<|turn_end|>", "<|eos|>"))
 
 
 def _smollm2(tok) -> PromptFamily:

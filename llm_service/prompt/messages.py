@@ -1,28 +1,18 @@
-"""Chat messages as the LLM service sees them, independent of protobuf."""
+"""Chat messages as the LLM service sees them, independent of protobuf.
+
+Media parts are the `MediaItem`s sent to the encoder (mmserve.wire.media), so one
+vocabulary names media on both sides of the Encode call.
+"""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
+from mmserve.wire.media import MediaItem, MediaRef, Modality
 
-class Modality(enum.IntEnum):
-    IMAGE = 1
-    AUDIO = 2
-    VIDEO = 3  # a video file; the encoder samples frames, which become IMAGE frames
-
-
-@dataclass(frozen=True, slots=True)
-class MediaRef:
-    """A media item to encode: a URL (http(s), data:, file:, mm://) or raw bytes."""
-
-    modality: Modality
-    url: str = ""
-    data: bytes = b""
-    mime_type: str = ""
-    max_tiles: int = 0  # 0: the encoder's default
-    frame: int = 0  # 1-based frame number when this image is a video frame
-    num_frames: int = 0  # VIDEO only: frames to sample; 0: the encoder's default
+ROLES = ("system", "user", "assistant")
+# OpenAI's newer name for the system role; chat templates know system/user/assistant only.
+ROLE_ALIASES = {"developer": "system"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,20 +20,32 @@ class TextPart:
     text: str
 
 
-Part = TextPart | MediaRef
-
-ROLES = ("system", "user", "assistant")
+Part = TextPart | MediaItem
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    """One turn; a role alias ("developer") becomes the role it stands for."""
+
     role: str
     parts: tuple[Part, ...]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", ROLE_ALIASES.get(self.role, self.role))
+
     @property
-    def media(self) -> tuple[MediaRef, ...]:
-        return tuple(p for p in self.parts if isinstance(p, MediaRef))
+    def media(self) -> tuple[MediaItem, ...]:
+        return tuple(p for p in self.parts if isinstance(p, MediaItem))
 
     @property
     def text(self) -> str:
         return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+def media_count(item: MediaItem) -> int:
+    """Media items the part stands for: each frame of a video sent as frames counts."""
+    return len(item.frames) if item.frames else 1
+
+
+__all__ = ["ROLES", "MediaItem", "MediaRef", "Message", "Modality", "Part", "TextPart",
+           "media_count"]

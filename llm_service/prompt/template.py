@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from llm_service.errors import InvalidRequest
-from llm_service.prompt.messages import ROLES, MediaRef, Message, Modality, TextPart
+from llm_service.prompt.messages import ROLES, MediaItem, Message, Modality, TextPart
+from mmserve.wire.media import EncodedItem
+
+# Per media part, in message order: the items the encoder returned for it (one per frame
+# for a video). None renders one slot per part (one per frame of a frame list).
+Media = Sequence[Sequence[EncodedItem]] | None
 
 MARKER = "<|mmserve_media_{}|>"
 MARKER_RE = re.compile(r"<\|mmserve_media_(\d+)\|>")
@@ -42,11 +48,14 @@ def bare(slot: MediaSlot) -> str:
 
 class ChatTemplate(ABC):
     @abstractmethod
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text, with MARKER.format(i) for the i-th media item in message order."""
+    def render(self, messages: list[Message], media: Media = None,
+               add_generation_prompt: bool = True) -> str:
+        """The prompt text, with MARKER.format(i) for the i-th media slot in message order
+        (a video has one slot per frame). `messages` passed check_messages."""
 
 
 def check_messages(messages: list[Message]) -> None:
+    """The one check of a conversation, before any media is encoded."""
     if not messages:
         raise InvalidRequest("messages must not be empty")
     for i, message in enumerate(messages):
@@ -57,28 +66,46 @@ def check_messages(messages: list[Message]) -> None:
                 raise InvalidRequest(f"messages[{i}] contains a reserved media marker")
 
 
-def render_contents(messages: list[Message], media_text: MediaText) -> list[str]:
-    """Each message's content with its media items rendered by `media_text`, in order."""
-    # Video frames are numbered by their own frame field, not counted as images.
-    totals = {m: sum(isinstance(p, MediaRef) and p.modality == m and not p.frame
-                     for msg in messages for p in msg.parts) for m in Modality}
+def slot_frames(part: MediaItem, items: Sequence[EncodedItem] | None) -> list[int]:
+    """The frame number of each slot of a media part (0: not a frame)."""
+    if items is not None:
+        return [item.frame for item in items]
+    if part.frames:
+        return list(range(1, len(part.frames) + 1))
+    return [0]
+
+
+def render_contents(messages: list[Message], media_text: MediaText,
+                    media: Media = None) -> list[str]:
+    """Each message's content with its media slots rendered by `media_text`, in order.
+
+    A video's frames are image slots, numbered by their frame field, not counted as images.
+    """
+    parts = [p for msg in messages for p in msg.parts if isinstance(p, MediaItem)]
+    if media is not None and len(media) != len(parts):
+        raise ValueError(f"{len(media)} encoded media for {len(parts)} media parts")
+    frames = iter(slot_frames(p, media[i] if media is not None else None)
+                  for i, p in enumerate(parts))
+    totals = {m: sum(p.modality == m for p in parts) for m in Modality}
     seen = dict.fromkeys(Modality, 0)
     index = 0
     out = []
     for message in messages:
         in_message = dict.fromkeys(Modality, 0)
-        pieces = []
+        pieces: list[str] = []
         for part in message.parts:
             if isinstance(part, TextPart):
                 pieces.append(part.text)
                 continue
-            slot = MediaSlot(part.modality, index, in_message[part.modality], seen[part.modality],
-                             totals[part.modality], part.frame)
-            pieces.append(media_text(slot))
-            index += 1
-            if not part.frame:
-                in_message[part.modality] += 1
-                seen[part.modality] += 1
+            modality = part.modality
+            for frame in next(frames):
+                shown = Modality.IMAGE if frame else modality
+                pieces.append(media_text(MediaSlot(shown, index, in_message[modality],
+                                                   seen[modality], totals[modality], frame)))
+                index += 1
+            if modality != Modality.VIDEO:
+                in_message[modality] += 1
+                seen[modality] += 1
         out.append("".join(pieces))
     return out
 
@@ -86,18 +113,19 @@ def render_contents(messages: list[Message], media_text: MediaText) -> list[str]
 class HFChatTemplate(ChatTemplate):
     """The checkpoint's own Jinja chat template (tokenizer.apply_chat_template)."""
 
-    def __init__(self, tokenizer, media_text: MediaText = bare) -> None:
+    def __init__(self, tokenizer: Any, media_text: MediaText = bare) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; choose a family template")
         self._tokenizer = tokenizer
         self._media_text = media_text
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        check_messages(messages)
-        contents = render_contents(messages, self._media_text)
+    def render(self, messages: list[Message], media: Media = None,
+               add_generation_prompt: bool = True) -> str:
+        contents = render_contents(messages, self._media_text, media)
         conversation = [{"role": m.role, "content": c} for m, c in zip(messages, contents)]
-        return self._tokenizer.apply_chat_template(
+        text: str = self._tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +144,9 @@ class RoleTemplate(ChatTemplate):
     # Families without a system block put it inside the first user turn (e.g. Llama-2 <<SYS>>).
     system_in_first_user: str = ""
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        check_messages(messages)
-        contents = render_contents(messages, self.media_text)
+    def render(self, messages: list[Message], media: Media = None,
+               add_generation_prompt: bool = True) -> str:
+        contents = render_contents(messages, self.media_text, media)
         system = self.default_system
         if messages[0].role == "system":
             system, messages, contents = contents[0], messages[1:], contents[1:]

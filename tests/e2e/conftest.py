@@ -1,4 +1,5 @@
-"""Fixtures for e2e tests: the real stack (`python -m mmserve.run`) once per test module."""
+"""Fixtures for e2e tests: the real stack (`python -m mmserve.run`), started once for the whole
+session and shared by every test that runs the default config."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ import pytest
 from e2e_stack import Stack, start_stack, stop
 
 
-@pytest.fixture(scope="module")
+def pytest_collection_modifyitems(config, items):
+    """Tests that stop the shared stack run after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_stack") is not None)
+
+
+@pytest.fixture(scope="session")
 def mmserve_stack(smollm2_dir, tmp_path_factory) -> Stack:
-    """One real stack per test module: starting it takes 20-40 s on two cores."""
+    """The default stack, shared: starting one takes 20-40 s on two cores."""
     stack = start_stack(tmp_path_factory.mktemp("stack") / "mmserve.log")
     yield stack
     stop(stack.proc)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def openai_client(mmserve_stack):
     from openai import OpenAI
 

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image
 
 from protos import llm_pb2, llm_pb2_grpc
+from polling import wait_until
 
 MODEL = "smollm2-135m-instruct"
 START_TIMEOUT_S = 300
@@ -53,14 +53,16 @@ class Stack:
 
 def wait_for_line(proc: subprocess.Popen, log: Path, line: str, what: str,
                   timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while line not in log.read_text(errors="replace"):
+    def printed() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"{what} exited during start-up:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            stop(proc)  # Ctrl-C first, so the supervisor stops its services
-            pytest.fail(f"{what} did not start in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.3)
+        return line in log.read_text(errors="replace")
+
+    try:
+        wait_until(printed, timeout_s, interval_s=0.3)
+    except AssertionError:
+        stop(proc)  # Ctrl-C first, so the supervisor stops its services
+        pytest.fail(f"{what} did not start in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
 
 
 def start_stack(log: Path, *args: str, env: dict[str, str] | None = None) -> Stack:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from hf_layouts import qwen_v1_state
+from hf_layouts import internvit_state, megrez_tower_state, qwen_v1_state, qwen_visual_state
 from safetensors.torch import save_file
 
 SEED = 0
@@ -109,28 +109,7 @@ def build_internvl2(directory: Path) -> Path:
     _randomize(llm, SEED)
     state = {"language_model." + k: v for k, v in llm.state_dict().items()
              if k != "lm_head.weight"}
-    rand = _rand_fn(SEED + 1)
-    d, inner, patch = INTERNVIT["hidden_size"], INTERNVIT["intermediate_size"], 14
-    grid = 448 // patch
-    e = "vision_model.embeddings."
-    state.update({e + "class_embedding": rand(1, 1, d),
-                  e + "patch_embedding.weight": rand(d, 3, patch, patch, scale=0.05),
-                  e + "patch_embedding.bias": rand(d),
-                  e + "position_embedding": rand(1, grid * grid + 1, d)})
-    for n in range(INTERNVIT["num_hidden_layers"]):
-        p = f"vision_model.encoder.layers.{n}."
-        state.update({p + "attn.qkv.weight": rand(3 * d, d), p + "attn.qkv.bias": rand(3 * d),
-                      p + "attn.proj.weight": rand(d, d), p + "attn.proj.bias": rand(d),
-                      p + "ls1": 1 + rand(d), p + "ls2": 1 + rand(d),
-                      p + "mlp.fc1.weight": rand(inner, d), p + "mlp.fc1.bias": rand(inner),
-                      p + "mlp.fc2.weight": rand(d, inner), p + "mlp.fc2.bias": rand(d)})
-        for norm in ("norm1", "norm2"):
-            state[f"{p}{norm}.weight"] = 1 + rand(d)
-            state[f"{p}{norm}.bias"] = rand(d)
-    hidden = LLM["hidden_size"]
-    state.update({"mlp1.0.weight": 1 + rand(4 * d), "mlp1.0.bias": rand(4 * d),
-                  "mlp1.1.weight": rand(hidden, 4 * d), "mlp1.1.bias": rand(hidden),
-                  "mlp1.3.weight": rand(hidden, hidden), "mlp1.3.bias": rand(hidden)})
+    state.update(internvit_state(_rand_fn(SEED + 1), INTERNVIT, 448, 14, LLM["hidden_size"]))
     save_file({k: v.contiguous() for k, v in state.items()},
               str(directory / "model.safetensors"))
     config = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
@@ -157,34 +136,7 @@ def build_qwen_vl(directory: Path) -> Path:
     llm = Qwen2ForCausalLM(Qwen2Config(**dims, vocab_size=vocab, tie_word_embeddings=False))
     _randomize(llm, SEED)
     state = qwen_v1_state(llm.state_dict(), dims["num_hidden_layers"])
-    rand = _rand_fn(SEED + 1)
-    width, patch, out = QWEN_VISUAL["width"], QWEN_VISUAL["patch_size"], QWEN_VISUAL["output_dim"]
-    mlp, queries = int(width * QWEN_VISUAL["mlp_ratio"]), QWEN_VISUAL["n_queries"]
-    v = "transformer.visual."
-    state.update({v + "conv1.weight": rand(width, 3, patch, patch, scale=0.05),
-                  v + "positional_embedding": rand(256, width),
-                  v + "ln_pre.weight": 1 + rand(width), v + "ln_pre.bias": rand(width),
-                  v + "ln_post.weight": 1 + rand(out), v + "ln_post.bias": rand(out),
-                  v + "proj": rand(out, out, scale=out ** -0.5),
-                  v + "attn_pool.query": rand(queries, out),
-                  v + "attn_pool.kv_proj.weight": rand(out, width),
-                  v + "attn_pool.attn.in_proj_weight": rand(3 * out, out, scale=0.05),
-                  v + "attn_pool.attn.in_proj_bias": rand(3 * out),
-                  v + "attn_pool.attn.out_proj.weight": rand(out, out, scale=0.05),
-                  v + "attn_pool.attn.out_proj.bias": rand(out)})
-    for name in ("ln_q", "ln_kv"):
-        state[f"{v}attn_pool.{name}.weight"] = 1 + rand(out)
-        state[f"{v}attn_pool.{name}.bias"] = rand(out)
-    for n in range(QWEN_VISUAL["layers"]):
-        p = f"{v}transformer.resblocks.{n}."
-        state.update({p + "ln_1.weight": 1 + rand(width), p + "ln_1.bias": rand(width),
-                      p + "ln_2.weight": 1 + rand(width), p + "ln_2.bias": rand(width),
-                      p + "attn.in_proj.weight": rand(3 * width, width),
-                      p + "attn.in_proj.bias": rand(3 * width),
-                      p + "attn.out_proj.weight": rand(width, width),
-                      p + "attn.out_proj.bias": rand(width),
-                      p + "mlp.c_fc.weight": rand(mlp, width), p + "mlp.c_fc.bias": rand(mlp),
-                      p + "mlp.c_proj.weight": rand(width, mlp), p + "mlp.c_proj.bias": rand(width)})
+    state.update(qwen_visual_state(_rand_fn(SEED + 1), QWEN_VISUAL))
     save_file({k: t.contiguous() for k, t in state.items()}, str(directory / "model.safetensors"))
     config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen",
               "hidden_size": dims["hidden_size"], "num_attention_heads": dims["num_attention_heads"],
@@ -238,8 +190,6 @@ WHISPER = dict(n_mels=16, n_ctx=1500, n_state=32, n_head=4, n_layer=2,
 
 def build_megrez(directory: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
-    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = _vocab(byte_level_tokenizer(directory, MEGREZ_SPECIALS, eos="<|eos|>", unk="<|unk|>",
@@ -248,42 +198,8 @@ def build_megrez(directory: Path) -> Path:
     llm = LlamaForCausalLM(llm_config)
     _randomize(llm, SEED)
     state = {"llm." + k: v for k, v in llm.state_dict().items()}
-    torch.manual_seed(SEED)
-    vpm = Idefics2VisionTransformer(Idefics2VisionConfig(**SIGLIP))
-    _randomize(vpm, SEED + 2)
-    state.update({f"vision.vpm.{k}": v for k, v in vpm.state_dict().items()})
-    rand = _rand_fn(SEED + 1)
-    hidden, width = WIDE_LLM["hidden_size"], SIGLIP["hidden_size"]
-    for name, shape in {"query": (64, hidden), "kv_proj.weight": (hidden, width),
-                        "attn.in_proj_weight": (3 * hidden, hidden),
-                        "attn.in_proj_bias": (3 * hidden,),
-                        "attn.out_proj.weight": (hidden, hidden), "attn.out_proj.bias": (hidden,),
-                        "proj": (hidden, hidden)}.items():
-        state[f"vision.resampler.{name}"] = rand(*shape)
-    for ln in ("ln_q", "ln_kv", "ln_post"):
-        state[f"vision.resampler.{ln}.weight"] = 1 + rand(hidden)
-        state[f"vision.resampler.{ln}.bias"] = rand(hidden)
-    # The audio tower in OpenAI Whisper names, under `audio.audio.`.
-    mels, n_state, ctx = WHISPER["n_mels"], WHISPER["n_state"], WHISPER["n_ctx"]
-    a = "audio.audio."
-    state.update({a + "conv1.weight": rand(n_state, mels, 3), a + "conv1.bias": rand(n_state),
-                  a + "conv2.weight": rand(n_state, n_state, 3), a + "conv2.bias": rand(n_state),
-                  a + "positional_embedding": rand(ctx, n_state),
-                  a + "ln_post.weight": 1 + rand(n_state), a + "ln_post.bias": rand(n_state),
-                  a + "proj.weight": rand(hidden, n_state), a + "proj.bias": rand(hidden),
-                  a + "audio_bos_eos_token.weight": rand(2, hidden)})
-    for i in range(WHISPER["n_layer"]):
-        p = f"{a}blocks.{i}."
-        for name in ("query", "value", "out"):
-            state[p + f"attn.{name}.weight"] = rand(n_state, n_state)
-            state[p + f"attn.{name}.bias"] = rand(n_state)
-        state[p + "attn.key.weight"] = rand(n_state, n_state)
-        for ln in ("attn_ln", "mlp_ln"):
-            state[p + f"{ln}.weight"] = 1 + rand(n_state)
-            state[p + f"{ln}.bias"] = rand(n_state)
-        state.update({p + "mlp.0.weight": rand(4 * n_state, n_state),
-                      p + "mlp.0.bias": rand(4 * n_state),
-                      p + "mlp.2.weight": rand(n_state, 4 * n_state), p + "mlp.2.bias": rand(n_state)})
+    state.update(megrez_tower_state(_rand_fn(SEED + 1), SIGLIP, WIDE_LLM["hidden_size"],
+                                    WHISPER))
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
     config = {**json.loads(llm_config.to_json_string()), "architectures": ["MegrezO"],
               "model_type": "megrezo", "query_num": 64, "drop_vision_last_layer": True,

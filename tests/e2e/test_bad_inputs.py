@@ -46,7 +46,7 @@ class Redirector(http.server.BaseHTTPRequestHandler):
 
     hits = 0
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         type(self).hits += 1
         self.send_response(302)
         self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
@@ -95,6 +95,8 @@ CASES = [
     ("negative-max-tokens", dict(json=chat_body("hi", max_tokens=-5)), 400, "max_tokens"),
     ("oversized-max-tokens", dict(json=chat_body("hi", max_tokens=10**9)), 400, "max_tokens"),
     ("prompt-beyond-context", dict(json=chat_body("hello " * 20000)), 400, "max_model_len"),
+    ("more-choices-than-the-engine-runs", dict(json=chat_body("hi", n=1000)), 400,
+     "max_num_seqs=64"),
     ("non-image-bytes", dict(json=with_image(data_url(b"just some text, not an image"))), 400,
      "image"),
     ("truncated-png", dict(json=with_image(data_url(png_bytes(640, 480)[:300]))), 400, "image"),

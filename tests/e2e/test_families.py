@@ -173,10 +173,10 @@ def test_image_request_counts_rows_and_wrappers(family, tmp_path):
         spec.image_rows + spec.image_extra)
 
 
+@pytest.mark.parametrize("family", [name for name, spec in FAMILIES.items() if spec.audio],
+                         indirect=True)
 def test_audio_request_counts_rows_and_wrappers(family, tmp_path):
     _, spec, _, _, _ = family
-    if not spec.audio:
-        pytest.skip("this family takes no audio")
     text = chat(family, [{"type": "text", "text": QUESTION}])
     for seconds, rows in spec.audio:
         wav = wav_bytes(seconds)

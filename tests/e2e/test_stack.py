@@ -88,6 +88,7 @@ def test_services_still_healthy(mmserve_stack, openai_client):
     assert "Paris" in chat(openai_client, QUESTION).choices[0].message.content
 
 
+@pytest.mark.stops_stack
 def test_ctrl_c_stops_everything(mmserve_stack):
     stop(mmserve_stack.proc)
     assert mmserve_stack.proc.returncode == 0

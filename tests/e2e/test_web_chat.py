@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import base64
 import os
-import time
 
 import pytest
 from e2e_stack import MODEL, artifact_dir, png_bytes
+from polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,16 +36,6 @@ def page(browser, mmserve_stack):
     page.goto(mmserve_stack.base + "/")
     yield page
     page.close()
-
-
-def wait_until(condition, timeout_s: float, message: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(message)
 
 
 def test_chat_with_an_image_streams_and_stops(page, mmserve_stack, tmp_path):

@@ -160,7 +160,7 @@ async def engine_batches(config, batches) -> tuple[list[tuple[dict, float]], int
             outputs = await asyncio.gather(*(_run(engine, r) for r in requests))
             elapsed = time.perf_counter() - started
             results.append(({r.request_id: out for r, out in zip(requests, outputs)}, elapsed))
-        preemptions = getattr(getattr(engine, "_scheduler", None), "num_preemptions", -1)
+        preemptions = engine.stats().num_preemptions
     finally:
         await engine.shutdown()
         del engine

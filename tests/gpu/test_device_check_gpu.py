@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import device_check  # noqa: E402
+import device_check
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 

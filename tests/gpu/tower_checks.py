@@ -20,7 +20,7 @@ MIN_COSINE, MAX_RELATIVE = 0.999, 0.05
 
 
 def _stand_in_for_av() -> bool:
-    """encoder_service.audio imports PyAV for decoding, which no check here uses; on a host
+    """encoder_service.families.audio imports PyAV for decoding, which no check here uses; on a host
     without it a placeholder module stands in (and using it would raise)."""
     if importlib.util.find_spec("av") is not None:
         return False
@@ -65,9 +65,8 @@ def _encode(family: str, checkpoint: Path | None, device: str, media, max_tiles:
                                device=device, dtype="float32")
     tower = build_tower(config)
     prepared = build_preprocessor(config).preprocess(media, max_tiles)
-    encode_item = getattr(tower, "encode_item", None)
     with torch.inference_mode():
-        rows = encode_item(prepared) if encode_item else tower.encode(prepared.pixel_values)
+        rows = tower.encode_item(prepared)  # every tower takes one whole item
     return rows.float().cpu(), getattr(tower, "compute_dtype", torch.float32)
 
 

@@ -8,9 +8,10 @@ one pump thread) to per-request asyncio queues, and cancels what callers abandon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
@@ -18,8 +19,13 @@ from typing import Any
 
 import torch
 
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
 from llm_service.engine.protocol import (
-    EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason,
+    EngineClient,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
 )
 from llm_service.engine.trtllm.bindings import load_bindings
 from llm_service.engine.trtllm.features import BindingFeatures
@@ -28,7 +34,6 @@ from llm_service.engine.trtllm.pump import ResponsePump
 from llm_service.engine.trtllm.requests import build_request
 from llm_service.engine.trtllm.stats import to_engine_stats
 from llm_service.engine.trtllm.stream import RequestStream, finish_reason_map
-from llm_service.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ class TrtllmEngine(EngineClient):
         self._features = BindingFeatures.probe(bindings)
         # Prompt tables stay on the host; pinned (which needs CUDA) for the executor's DMA.
         self._pin_tables = torch.cuda.is_available()
-        self._executor = None
+        self._executor: Any = None  # the bindings' Executor once started
         self._pump: ResponsePump | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}
@@ -59,6 +64,7 @@ class TrtllmEngine(EngineClient):
         """
         bindings = load_bindings()
         opts = TrtllmOptions.from_dict(Path(model_dir), options)
+        assert opts.engine_dir is not None  # from_dict defaults it to the model directory
         return cls(opts, EngineLayout.read(opts.engine_dir), bindings)
 
     @property
@@ -137,12 +143,13 @@ class TrtllmEngine(EngineClient):
 
         def close() -> None:
             try:
-                pump.stop(timeout)
+                if pump is not None:
+                    pump.stop(timeout)
                 executor.shutdown()
             except Exception:
                 log.exception("TensorRT-LLM executor shutdown failed")
             finally:
-                _call_soon(loop, lambda: done.done() or done.set_result(None))
+                _call_soon(loop, _settle, done)
 
         # A daemon thread rather than to_thread: a hung shutdown must not block process exit.
         threading.Thread(target=close, name="trtllm-shutdown", daemon=True).start()
@@ -151,7 +158,7 @@ class TrtllmEngine(EngineClient):
         except asyncio.TimeoutError:
             log.warning("TensorRT-LLM executor did not shut down within %.0f s", timeout)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         stream = self._submit(request)
         try:
             while (output := await stream.queue.get()) is not None:
@@ -163,6 +170,13 @@ class TrtllmEngine(EngineClient):
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
+            self._cancel(stream)
+
+    async def finish(self, request_id: str, index: int) -> None:
+        # The executor cancels whole requests only: the choice's stream ends now, and its KV
+        # blocks are freed with the request's, at once when it was the last open choice.
+        stream = self._streams.get(request_id)
+        if stream is not None and stream.finish(index):
             self._cancel(stream)
 
     def _submit(self, request: EngineRequest) -> RequestStream:
@@ -243,6 +257,11 @@ class TrtllmEngine(EngineClient):
                 self._forget(stream)
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -251,7 +270,5 @@ def _first_line(exc: BaseException) -> str:
 def _call_soon(loop: asyncio.AbstractEventLoop | None, callback, *args) -> None:
     if loop is None or loop.is_closed():
         return
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop closed in between
         loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # the loop closed in between
-        pass

@@ -19,10 +19,11 @@ from types import ModuleType
 
 import torch
 
+from llm_service.engine.errors import InvalidRequest
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
 from llm_service.engine.trtllm.features import BindingFeatures
 from llm_service.engine.trtllm.options import EngineLayout
-from llm_service.errors import InvalidRequest
+from llm_service.engine.validation import Limits, validate_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +45,16 @@ def media_extra_id(content_hash: str) -> int:
 
 def build_prompt_table(prompt_token_ids: list[int], spans: tuple[EmbeddingSpan, ...],
                        layout: EngineLayout, pin: bool = False) -> PromptTable:
-    """The request's ids with fake ids at the media slots, its host table and extra ids.
+    """The request's ids with fake ids at the media slots (whose geometry validate_request
+    checked), its host table and extra ids; refuses what the engine's prompt table cannot
+    hold.
 
     pin: page-lock the table (needs CUDA), so the executor's copy to the GPU is a DMA.
     """
     if not spans:
         return PromptTable(list(prompt_token_ids), None, None)
     ordered = sorted(spans, key=lambda s: s.start)
-    _check_spans(ordered, len(prompt_token_ids), layout)
+    _check_capacity(ordered, layout)
     ids, extra_ids = list(prompt_token_ids), [0] * len(prompt_token_ids)
     row = 0
     for span in ordered:
@@ -63,7 +66,7 @@ def build_prompt_table(prompt_token_ids: list[int], spans: tuple[EmbeddingSpan, 
     return PromptTable(ids, table.pin_memory() if pin else table, extra_ids)
 
 
-def _check_spans(ordered: list[EmbeddingSpan], prompt_len: int, layout: EngineLayout) -> None:
+def _check_capacity(ordered: list[EmbeddingSpan], layout: EngineLayout) -> None:
     rows = sum(span.length for span in ordered)
     if layout.max_prompt_embedding_table_size == 0:
         raise InvalidRequest("this TensorRT-LLM engine was built without a prompt table and cannot "
@@ -74,15 +77,6 @@ def _check_spans(ordered: list[EmbeddingSpan], prompt_len: int, layout: EngineLa
             f"{layout.max_prompt_rows} per request (max_prompt_embedding_table_size "
             f"{layout.max_prompt_embedding_table_size} / max_batch_size {layout.max_batch_size}): "
             "send fewer or smaller images")
-    end = 0
-    for span in ordered:
-        if span.embeddings.dim() != 2 or span.embeddings.shape[1] != layout.hidden_size:
-            raise InvalidRequest(f"embedding rows have shape {list(span.embeddings.shape)}; "
-                                 f"the engine expects [rows, {layout.hidden_size}]")
-        if span.start < end or span.end > prompt_len:
-            raise InvalidRequest(f"embedding span [{span.start}, {span.end}) overlaps another "
-                                 f"or lies outside the prompt of {prompt_len} tokens")
-        end = span.end
 
 
 def sampling_config(b: ModuleType, sp: SamplingParams, features: BindingFeatures):
@@ -141,16 +135,12 @@ def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, m
     """
     features = features or BindingFeatures.probe(b)
     prompt_len = len(request.prompt_token_ids)
-    if prompt_len == 0:
-        raise InvalidRequest("the prompt is empty")
+    validate_request(request, Limits(max_model_len, layout.vocab_size, layout.hidden_size,
+                                     layout.max_batch_size, max_input_len=layout.max_input_len))
     if request.sampling.logprobs:
         raise InvalidRequest("top_logprobs is not available with the TensorRT-LLM engine, which "
                              "returns the log probability of each chosen token only; ask for "
                              "logprobs without top_logprobs")
-    limit = min(layout.max_input_len, max_model_len - 1)
-    if prompt_len > limit:
-        raise InvalidRequest(f"the prompt has {prompt_len} tokens; "
-                             f"this engine takes at most {limit}")
     prompt = build_prompt_table(request.prompt_token_ids, request.spans, layout, pin)
     sp = request.sampling
     eos = request.eos_token_ids

@@ -56,7 +56,7 @@ class RequestStream:
         self.counts[index] += len(tokens)
         self._note_reuse(result)
         reason = self._finish_reason(index, result, finish_map) if final else None
-        logprobs = ()
+        logprobs: tuple[TokenLogprob, ...] = ()
         if result.log_probs:
             # Take the tail: whether streamed log probs are deltas or cumulative is not
             # documented, and the tail is right in both cases.
@@ -75,6 +75,16 @@ class RequestStream:
         if kv is not None and kv.num_reused_blocks:
             reused = min(kv.num_reused_blocks * self.tokens_per_block, self.prompt_len)
             self.cached_tokens = max(self.cached_tokens, reused)
+
+    def finish(self, index: int) -> bool:
+        """Ends choice `index` with STOP now (its caller matched a stop string); later
+        results for it are dropped. True once no choice is open."""
+        if index in self.open:
+            self.queue.put_nowait(self._output(index, [], FinishReason.STOP))
+            self.open.discard(index)
+            if not self.open:
+                self.queue.put_nowait(None)
+        return not self.open
 
     def close(self, reason: FinishReason, error: str | None = None) -> None:
         """Finishes every open choice with `reason` (and `error`) and ends the queue."""

@@ -16,6 +16,7 @@ from encoder_service.server import EncoderServer
 from encoder_service.towers.demo import DemoTower
 
 from test_encoder_server import encode, png_data_url, url_item
+from polling import eventually
 
 
 class HeldTower(DemoTower):
@@ -44,8 +45,8 @@ async def test_metrics_follow_the_work(tmp_path):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             first = asyncio.create_task(encode(channel, url_item(png_data_url(448, 448))))
             queued = asyncio.create_task(encode(channel, url_item(png_data_url(1000, 600))))
-            while server.encoder.batcher.queued_tiles < 7:  # the 7 tiles wait behind the first
-                await asyncio.sleep(0.01)
+            # The 7 tiles wait behind the first.
+            await eventually(lambda: server.encoder.batcher.queued_tiles == 7)
             busy = await asyncio.to_thread(scrape, server.metrics_port)
             tower.release.set()
             await first

@@ -18,7 +18,7 @@ from encoder_service import healthcheck
 from encoder_service.config import EncoderConfig
 from encoder_service.server import SERVICE_NAME, EncoderServer
 from encoder_service.towers.demo import DemoTower
-from encoder_service.wire import chunks_to_tensor
+from mmserve.wire.chunks import chunks_to_tensor
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc
 
 MIB = 1024 * 1024
@@ -143,9 +143,10 @@ async def test_unexpected_failures_are_internal_without_details(caplog):
 async def test_one_log_line_per_request_with_the_metadata_request_id(channel, caplog):
     caplog.set_level(logging.INFO, logger="encoder_service.server")
     await encode(channel, url_item(png_data_url(448, 448)), metadata=(("x-request-id", "r-42"),))
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encode ")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rpc=Encode ")]
     assert len(lines) == 1
-    assert "request_id=r-42 items=1 tiles=1 cached=0 status=OK ms=" in lines[0]
+    assert "rpc=Encode request_id=r-42 status=OK ms=" in lines[0]
+    assert lines[0].endswith(" items=1 tiles=1 cached=0 shm=no")
 
 
 async def test_health_is_serving(channel, server):

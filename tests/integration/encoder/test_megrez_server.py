@@ -11,15 +11,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
-from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 from encoder_service.config import EncoderConfig
 from encoder_service.server import EncoderServer
-from encoder_service.towers.siglip import Resampler
-from encoder_service.towers.whisper import BLOCK_NAMES, WhisperAudioEncoder
-from encoder_service.wire import chunks_to_tensor
-from hf_layouts import wav_bytes
+from mmserve.wire.chunks import chunks_to_tensor
+from hf_layouts import make_rand, megrez_tower_state, wav_bytes
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc
 
 HIDDEN = 256
@@ -31,20 +27,7 @@ AUDIO = dict(n_mels=128, n_ctx=1500, n_state=32, n_head=4, n_layer=1, output_dim
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """Random weights in the reference layout (audio under OpenAI Whisper names)."""
-    torch.manual_seed(0)
-    state = {f"vision.vpm.{k}": v for k, v in
-             Idefics2VisionTransformer(Idefics2VisionConfig(**VISION)).state_dict().items()}
-    resampler = Resampler(HIDDEN, 32, HIDDEN // 128)
-    torch.nn.init.normal_(resampler.query)
-    torch.nn.init.normal_(resampler.proj, std=0.05)
-    state.update({f"vision.resampler.{k}": v for k, v in resampler.state_dict().items()})
-    openai_names = {hf: openai for openai, hf in BLOCK_NAMES.items()}
-    for key, value in WhisperAudioEncoder.from_config(AUDIO).state_dict().items():
-        if key.startswith("layers."):
-            _, index, rest = key.split(".", 2)
-            name, param = rest.rsplit(".", 1)
-            key = f"blocks.{index}.{openai_names[name]}.{param}"
-        state[f"audio.audio.{key}"] = value
+    state = megrez_tower_state(make_rand(0), VISION, HIDDEN, AUDIO)
     path = tmp_path_factory.mktemp("megrez")
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(

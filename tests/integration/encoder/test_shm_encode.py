@@ -3,7 +3,6 @@ encoder server, the LLM service's EncoderClient, and raw stubs for the protocol 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import logging
@@ -20,11 +19,13 @@ import llm_service.encoder_client as encoder_client
 from encoder_service.config import EncoderConfig
 from encoder_service.server import EncoderServer
 from encoder_service.towers.demo import DemoTower
-from encoder_service.wire import chunks_to_tensor, create_probe, dtype_to_pb
 from llm_service.encoder_client import EncoderClient
 from llm_service.errors import Unavailable
-from llm_service.prompt.messages import MediaRef, Modality
+from mmserve.wire.chunks import chunks_to_tensor, dtype_to_pb
+from mmserve.wire.media import MediaItem, MediaRef
+from mmserve.wire.shm import create_probe
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc
+from polling import eventually
 
 HIDDEN = 576
 
@@ -38,8 +39,8 @@ def png_data_url(width: int = 448, height: int = 448, shade: int = 0) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def image(shade: int = 0, width: int = 448) -> MediaRef:
-    return MediaRef(modality=Modality.IMAGE, url=png_data_url(width, 448, shade))
+def image(shade: int = 0, width: int = 448) -> MediaItem:
+    return MediaItem(MediaRef(url=png_data_url(width, 448, shade)))
 
 
 def pb_item(shade: int = 0) -> encoder_pb2.MediaItem:
@@ -99,8 +100,8 @@ async def test_shared_memory_and_in_band_rows_are_bit_identical(shm, taken, dtyp
     same_host, in_band = EncoderClient(address, shm_dir=str(shm)), EncoderClient(address)
     try:
         items = [image(10, width=900), image(200)]
-        via_shm = await same_host.encode(items, "shm")
-        via_grpc = await in_band.encode(items, "grpc")
+        via_shm = [i for items in await same_host.encode(items, "shm") for i in items]
+        via_grpc = [i for items in await in_band.encode(items, "grpc") for i in items]
         assert len(taken) == 2  # both items came through files
         probes = [p.name for p in shm.iterdir()]
         assert len(probes) == 1 and probes[0].startswith("mmserve-probe-")
@@ -164,7 +165,7 @@ async def test_small_items_stay_in_band_under_an_accepted_offer(shm, taken, capl
     address = f"127.0.0.1:{server.port}"
     try:
         small = EncoderClient(address, shm_dir=str(shm))
-        (item,) = await small.encode([image()], "small")  # 256 x 64 x 2 = 32 KiB
+        ((item,),) = await small.encode([image()], "small")  # 256 x 64 x 2 = 32 KiB
         await small.close()
         offer = create_probe(str(shm))
         responses = await raw_encode(server.port, pb_item(), offer=offer)
@@ -180,7 +181,7 @@ async def test_a_client_without_a_writable_directory_uses_in_band(tmp_path, take
     server = await start_encoder(tmp_path)
     client = EncoderClient(f"127.0.0.1:{server.port}", shm_dir=str(tmp_path / "missing"))
     try:
-        (item,) = await client.encode([image()], "r")
+        ((item,),) = await client.encode([image()], "r")
     finally:
         await client.close()
         await server.stop(grace=0)
@@ -267,13 +268,6 @@ async def first_region(call) -> str:
     return region.shm.name
 
 
-async def until_empty(shm: Path) -> None:
-    for _ in range(100):
-        if not regions_in(shm):
-            return
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("ending", ["cancelled", "failed"])
 async def test_a_call_that_does_not_finish_leaves_no_region_behind(shm, ending):
     tower = _GatedTower()
@@ -293,7 +287,7 @@ async def test_a_call_that_does_not_finish_leaves_no_region_behind(shm, ending):
             else:
                 tower.gate.set()
                 assert await call.code() == grpc.StatusCode.INTERNAL
-            await until_empty(shm)
+            await eventually(lambda: not regions_in(shm), 2, "the region was not removed")
         assert regions_in(shm) == []
     finally:
         tower.gate.set()

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from polling import eventually
 
 API_KEY = "sk-test-key"
 
@@ -80,10 +81,9 @@ async def gateway_url(app: FastAPI) -> AsyncIterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=1))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
+    await eventually(lambda: server.started or task.done())
+    if task.done():
+        task.result()
     port = server.servers[0].sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True

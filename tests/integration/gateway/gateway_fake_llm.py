@@ -38,6 +38,9 @@ def prompt_tokens(request: llm_pb2.GenerateRequest) -> int:
                for message in request.messages.messages for part in message.content)
 
 
+MAX_NUM_SEQS = 64  # the embedded config's engine limit, which bounds n
+
+
 @dataclass
 class FakeLLM(llm_pb2_grpc.LLMServicer):
     fail_with: tuple[grpc.StatusCode, str] | None = None
@@ -57,6 +60,10 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
         try:
             if self.fail_with and not self.fail_after_first:
                 await self._fail(context)
+            if request.sampling.n > MAX_NUM_SEQS:  # as the LLM service's engine refuses it
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"n={request.sampling.n} exceeds the engine's max_num_seqs="
+                                    f"{MAX_NUM_SEQS}; ask for fewer choices")
             await asyncio.sleep(self.first_delay_s)
             async for response in self._replies(request):
                 yield response

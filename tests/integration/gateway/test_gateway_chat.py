@@ -53,7 +53,8 @@ async def test_generate_request_carries_roles_parts_and_sampling(client, fake_ll
     sent = fake_llm.requests[0]
     assert sent.model == MODEL_ID
     system, user = sent.messages.messages
-    assert (system.role, system.content[0].text) == ("system", "Answer in French.")
+    # Forwarded as sent; the LLM service reads "developer" as system.
+    assert (system.role, system.content[0].text) == ("developer", "Answer in French.")
     image, sound, handle, text = user.content
     assert image.image.url == "data:image/png;base64,iVBORw0KGgo="
     assert (sound.audio.data, sound.audio.mime_type) == (b"RIFF....WAVE", "audio/wav")

@@ -17,6 +17,7 @@ from gateway_fake_llm import FakeLLMServer
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from polling import eventually
 
 schemathesis = pytest.importorskip("schemathesis",
                                    reason="the schemathesis package is not installed")
@@ -39,8 +40,7 @@ def served_gateway() -> Iterator[str]:
                                                log_level="critical", timeout_graceful_shutdown=1))
         ready["server"] = server
         task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.started or task.done())
         ready["port"] = server.servers[0].sockets[0].getsockname()[1] if server.started else None
         started.set()
         await task

@@ -9,13 +9,18 @@ import grpc
 import pytest
 
 from llm_service.engine.protocol import (
-    EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason,
+    EngineClient,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
 )
 from llm_service.errors import Overloaded
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
 from llm_service.server import LLMServicer, build_server
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
+from polling import eventually
 
 ANSWER = "北京是中国的首都。 The capital of France is Paris."
 
@@ -23,14 +28,16 @@ ANSWER = "北京是中国的首都。 The capital of France is Paris."
 class ScriptedEngine(EngineClient):
     """Streams a fixed answer one token per step; records requests and aborts."""
 
+    hidden_size, vocab_size, max_model_len = 576, 49152, 8192
+
     def __init__(self, tokenizer, delay: float = 0.0) -> None:
         self.answer_ids = tokenizer.encode(ANSWER, add_special_tokens=False)
         self.delay = delay
         self.requests: list[EngineRequest] = []
         self.aborted: list[str] = []
+        self.finished: list[tuple[str, int]] = []
         self.active: set[str] = set()
         self.refuse = False
-        self.hidden_size, self.vocab_size, self.max_model_len = 576, 49152, 8192
 
     async def start(self) -> None: ...
 
@@ -58,6 +65,9 @@ class ScriptedEngine(EngineClient):
                 self.active.discard(request.request_id)
                 self.aborted.append(request.request_id)
 
+    async def finish(self, request_id: str, index: int) -> None:
+        self.finished.append((request_id, index))
+
     async def abort(self, request_id: str) -> None:
         self.active.discard(request_id)
 
@@ -73,10 +83,10 @@ class ScriptedEngine(EngineClient):
 async def served(smollm2_tokenizer):
     engine = ScriptedEngine(smollm2_tokenizer)
     family = load_family("smollm2", smollm2_tokenizer)
-    generator = Generator(engine, smollm2_tokenizer, family, None, 576, 49152)
+    generator = Generator(engine, smollm2_tokenizer, family, None)
     servicer = LLMServicer(generator, engine, dict(model_id="m", family="smollm2"))
-    server, port, _ = build_server(servicer, "127.0.0.1:0")
-    await server.start()
+    server = build_server(servicer)
+    port = await server.start("127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield engine, llm_pb2_grpc.LLMStub(channel)
     await channel.close()
@@ -117,6 +127,17 @@ async def test_stop_string_ends_the_choice_and_aborts_the_engine(served):
     assert engine.aborted == ["req-1"]
 
 
+async def test_each_choice_that_matches_a_stop_string_is_finished_in_the_engine(served):
+    engine, stub = served
+    replies = await collect(stub, chat("Hi", max_tokens=200, stop=["France"], n=2))
+    for index in (0, 1):
+        mine = [r for r in replies if r.index == index]
+        assert "".join(r.text for r in mine) == "北京是中国的首都。 The capital of "
+        assert mine[-1].finish_reason == llm_pb2.FINISH_REASON_STOP
+    # Each choice's KV blocks are released as soon as its stop string matched.
+    assert engine.finished == [("req-1", 0), ("req-1", 1)]
+
+
 async def test_max_tokens_gives_length(served):
     _, stub = served
     replies = await collect(stub, chat("Hi", max_tokens=3))
@@ -140,10 +161,7 @@ async def test_cancel_aborts_engine_request(served):
     async for _ in call:
         break
     call.cancel()
-    for _ in range(100):
-        if engine.aborted:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: engine.aborted, 2, "the engine request was not aborted")
     assert engine.aborted == ["req-1"] and not engine.active
 
 

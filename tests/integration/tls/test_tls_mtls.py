@@ -23,17 +23,22 @@ from encoder_service.server import EncoderServer
 from encoder_service.towers.demo import DemoTower
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from gateway.llm_client import LLMClient, channel_credentials
-from llm_service.app import encoder_credentials, server_credentials
+from gateway.llm_client import LLMClient
 from llm_service.config import LLMConfig
 from llm_service.encoder_client import EncoderClient
 from llm_service.engine.protocol import (
-    EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason,
+    EngineClient,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
 )
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
 from llm_service.server import LLMServicer, build_server
+from mmserve.rpc.tls import channel_credentials, server_credentials
 from protos import common_pb2, encoder_pb2, encoder_pb2_grpc, llm_pb2
+from polling import eventually
 
 HIDDEN = 576
 
@@ -41,10 +46,11 @@ HIDDEN = 576
 class EchoEngine(EngineClient):
     """Answers "Paris" token by token; remembers the embedding spans it was given."""
 
+    hidden_size, vocab_size, max_model_len = HIDDEN, 49152, 8192
+
     def __init__(self, tokenizer) -> None:
         self.answer = tokenizer.encode(" Paris", add_special_tokens=False)
         self.requests: list[EngineRequest] = []
-        self.hidden_size, self.vocab_size, self.max_model_len = HIDDEN, 49152, 8192
 
     async def start(self) -> None: ...
 
@@ -56,6 +62,8 @@ class EchoEngine(EngineClient):
             finish = FinishReason.STOP if i == len(self.answer) - 1 else None
             yield EngineOutput(request.request_id, 0, [token], finish,
                                len(request.prompt_token_ids), i + 1)
+
+    async def finish(self, request_id: str, index: int) -> None: ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -95,12 +103,13 @@ async def llm(certs, encoder, smollm2_tokenizer) -> AsyncIterator[tuple[str, Ech
                        encoder_tls_ca=certs.ca, encoder_tls_cert=certs.client.cert,
                        encoder_tls_key=certs.client.key)
     engine = EchoEngine(smollm2_tokenizer)
-    encoder_client = EncoderClient(config.encoder_address, encoder_credentials(config))
+    encoder_client = EncoderClient(config.encoder_address,
+                                   channel_credentials(config.encoder_tls))
     generator = Generator(engine, smollm2_tokenizer, load_family("smollm2", smollm2_tokenizer),
-                          encoder_client, HIDDEN, engine.vocab_size)
+                          encoder_client)
     servicer = LLMServicer(generator, engine, dict(model_id="m", family="smollm2"))
-    server, port, _ = build_server(servicer, "127.0.0.1:0", server_credentials(config))
-    await server.start()
+    server = build_server(servicer)
+    port = await server.start("127.0.0.1", 0, server_credentials(config.server_tls))
     yield f"localhost:{port}", engine
     await server.stop(0)
     await encoder_client.close()
@@ -179,9 +188,8 @@ async def test_gateway_serves_https_and_reaches_the_llm_over_mtls(llm, certs) ->
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile))
     task = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            assert not task.done(), task.result()
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.started or task.done())
+        assert not task.done(), task.result()
         port = server.servers[0].sockets[0].getsockname()[1]
         trusted = ssl.create_default_context(cafile=str(certs.ca))
         async with httpx.AsyncClient(verify=trusted, timeout=30) as client:
@@ -205,6 +213,6 @@ async def test_gateway_serves_https_and_reaches_the_llm_over_mtls(llm, certs) ->
 def test_missing_certificate_files_fail_at_start(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pem"
     with pytest.raises(FileNotFoundError):
-        server_credentials(LLMConfig(tls_cert=missing, tls_key=missing))
+        server_credentials(LLMConfig(tls_cert=missing, tls_key=missing).server_tls)
     with pytest.raises(FileNotFoundError):
-        channel_credentials(GatewayConfig(llm_tls_ca=str(missing)))
+        channel_credentials(GatewayConfig(llm_tls_ca=str(missing)).llm_tls)

@@ -10,7 +10,7 @@ import pytest
 from encoder_service.__main__ import build_config as encoder_config
 from encoder_service.__main__ import parse_args as encoder_args
 from gateway.__main__ import build_config as gateway_config
-from gateway.__main__ import build_parser as gateway_parser
+from gateway.__main__ import parse_args as gateway_args
 from llm_service.__main__ import parse_args as llm_args
 from llm_service.config import LLMConfig
 from mmserve.modelconfig import load_model_config
@@ -28,13 +28,13 @@ def test_tls_flags_reach_every_service(tmp_path: Path) -> None:
     encoder = encoder_config(encoder_args(flags(cmds["encoder"]), {}))
     assert (encoder.tls_cert, encoder.tls_key, encoder.tls_ca) == (cert, key, ca)
 
-    args = llm_args(flags(cmds["llm"]))
+    args = llm_args(flags(cmds["llm"]), {})
     llm = LLMConfig.from_sources(load_model_config(args.config), args)
     assert (llm.tls_cert, llm.tls_key, llm.tls_ca) == (Path(cert), Path(key), Path(ca))
     assert (llm.encoder_tls_cert, llm.encoder_tls_key, llm.encoder_tls_ca) == (
         Path(cert), Path(key), Path(ca))
 
-    gateway = gateway_config(gateway_parser({}).parse_args(flags(cmds["gateway"])), {})
+    gateway = gateway_config(gateway_args(flags(cmds["gateway"]), {}))
     assert (gateway.llm_tls_cert, gateway.llm_tls_key, gateway.llm_tls_ca) == (cert, key, ca)
 
 

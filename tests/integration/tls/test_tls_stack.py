@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import grpc
 import httpx
@@ -18,6 +17,7 @@ from PIL import Image
 from tls_certs import make_certs
 
 from protos import llm_pb2, llm_pb2_grpc
+from polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -39,10 +39,11 @@ def test_stack_answers_over_mtls_and_refuses_plaintext(smollm2_dir, tmp_path) ->
              "--tls-cert", str(certs.peer.cert), "--tls-key", str(certs.peer.key)],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 300
-        while "mmserve is up" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.3)
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            return "mmserve is up" in log.read_text()
+
+        wait_until(up, 300, lambda: log.read_text()[-4000:], interval_s=0.3)
         buffer = io.BytesIO()
         Image.new("RGB", (448, 448), (10, 120, 200)).save(buffer, format="PNG")
         image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

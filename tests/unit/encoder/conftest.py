@@ -7,6 +7,7 @@ import torch
 
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
+from encoder_service.families import build_preprocessor
 from encoder_service.towers.demo import DemoTower
 
 
@@ -19,7 +20,7 @@ def config() -> EncoderConfig:
 async def encoder(config):
     """A started Encoder with the default config and the seeded demo tower."""
     encoder = Encoder(config, DemoTower(hidden_size=config.hidden_size, dtype=torch.float32,
-                                        seed=0))
+                                        seed=0), build_preprocessor(config))
     encoder.start()
     yield encoder
     await encoder.stop()

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from encoder_service.audio import AudioPreprocessor, audio_lengths, decode_audio
+from encoder_service.families.audio import AudioPreprocessor, audio_lengths, decode_audio
 from encoder_service.errors import InvalidMedia
 
 

@@ -22,11 +22,17 @@ class RecordingTower(Tower):
 
     def __init__(self) -> None:
         self.batches: list[list[float]] = []
+        self.entered = threading.Event()  # a tower call has started
         self.release = threading.Event()
         self.release.set()
         self.fail_with: Exception | None = None
 
+    async def running(self) -> None:
+        """Returns once the worker is inside a tower call."""
+        assert await asyncio.to_thread(self.entered.wait, 5), "the tower was never called"
+
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
         self.release.wait(timeout=5)
         self.batches.append(pixel_values[:, 0, 0, 0].tolist())
         if self.fail_with is not None:
@@ -50,18 +56,19 @@ async def setup():
     await batcher.stop()
 
 
-async def wait_for_calls(tower: RecordingTower, count: int) -> None:
-    while len(tower.batches) < count:
-        await asyncio.sleep(0.01)
+async def queued(batcher: TileBatcher, tiles_waiting: int) -> None:
+    """Lets the tasks just created submit their jobs (each runs up to its first await)."""
+    await asyncio.sleep(0)
+    assert batcher.queued_tiles == tiles_waiting
 
 
 async def test_jobs_queued_while_the_tower_runs_share_the_next_call(setup):
     tower, batcher = setup
     tower.release.clear()
     first = asyncio.create_task(batcher.encode(tiles(1)))
-    await asyncio.sleep(0.05)  # the worker is now inside the held tower call
+    await tower.running()  # the worker is inside the held tower call
     rest = [asyncio.create_task(batcher.encode(tiles(*m))) for m in [(2, 3), (4,), (5, 6)]]
-    await asyncio.sleep(0.05)
+    await queued(batcher, 5)
     tower.release.set()
     results = await asyncio.gather(first, *rest)
     # 1 alone; then 2,3 + 4 = 3 tiles; 5,6 would make 5 (allowed), so all fit in one call.
@@ -76,10 +83,10 @@ async def test_a_batch_never_exceeds_max_tiles_except_a_single_large_job(setup):
     tower, batcher = setup
     tower.release.clear()
     blocker = asyncio.create_task(batcher.encode(tiles(0)))
-    await asyncio.sleep(0.05)
+    await tower.running()
     jobs = [asyncio.create_task(batcher.encode(tiles(*m)))
             for m in [(1, 1, 1), (2, 2, 2), (3,) * 8, (4,)]]
-    await asyncio.sleep(0.05)
+    await queued(batcher, 15)
     tower.release.set()
     await asyncio.gather(blocker, *jobs)
     assert [len(b) for b in tower.batches] == [1, 3, 3, 8, 1]
@@ -99,10 +106,10 @@ async def test_cancelled_waiters_are_skipped(setup):
     tower, batcher = setup
     tower.release.clear()
     blocker = asyncio.create_task(batcher.encode(tiles(0)))
-    await asyncio.sleep(0.05)
+    await tower.running()
     gone = asyncio.create_task(batcher.encode(tiles(9)))
     kept = asyncio.create_task(batcher.encode(tiles(8)))
-    await asyncio.sleep(0.01)
+    await queued(batcher, 2)
     gone.cancel()
     tower.release.set()
     await blocker
@@ -116,9 +123,9 @@ async def test_stop_fails_waiting_jobs_and_refuses_new_ones():
     batcher.start()
     tower.release.clear()
     running = asyncio.create_task(batcher.encode(tiles(1)))
-    await asyncio.sleep(0.05)
+    await tower.running()
     waiting = asyncio.create_task(batcher.encode(tiles(2)))
-    await asyncio.sleep(0.01)
+    await queued(batcher, 1)
     await batcher.stop()
     tower.release.set()
     for task in (running, waiting):

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from encoder_service.encoder import Encoder, MediaItem
+from encoder_service.encoder import Encoder
 from encoder_service.errors import InvalidMedia, InvalidRequest
-from encoder_service.media import MediaRef
 from encoder_service.towers.base import Tower
+from mmserve.wire.media import MediaItem, MediaRef, Modality
 
 from .images import png_bytes
 
@@ -45,7 +45,7 @@ def image_item(width=64, height=48, color=(200, 30, 90), max_tiles=0) -> MediaIt
 
 
 async def collect(encoder: Encoder, items):
-    return [result async for result in encoder.encode_all(items)]
+    return [result async for results in encoder.encode_all(items) for result in results]
 
 
 async def test_rows_and_tiles_follow_the_tiling(encoder):
@@ -91,15 +91,15 @@ async def test_request_limits(encoder):
     with pytest.raises(InvalidRequest, match="17 media items; the limit is 16"):
         await collect(encoder, [image_item()] * 17)
     with pytest.raises(InvalidRequest, match="encodes image only, got a audio item"):
-        await collect(encoder, [MediaItem(ref=MediaRef(data=b"RIFF"), modality="audio")])
+        await collect(encoder, [MediaItem(ref=MediaRef(data=b"RIFF"), modality=Modality.AUDIO)])
 
 
 async def test_a_failing_item_fails_the_call_and_cancels_the_rest(encoder):
     items = [image_item(), MediaItem(ref=MediaRef(data=b"junk")), image_item(2000, 2000)]
     results = []
     with pytest.raises(InvalidMedia, match="not a supported image"):
-        async for result in encoder.encode_all(items):
-            results.append(result)
+        async for encoded in encoder.encode_all(items):
+            results.extend(encoded)
     assert len(results) == 1
     assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()
                 and "Encoder.encode" in repr(t.get_coro())]

@@ -14,7 +14,8 @@ import pytest
 from encoder_service import fetcher
 from encoder_service.cache import ContentStore
 from encoder_service.errors import InvalidMedia, MediaForbidden
-from encoder_service.media import MediaRef, MediaResolver
+from encoder_service.media import MediaResolver
+from mmserve.wire.media import MediaRef
 
 from .images import png_bytes
 

@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 from encoder_service.config import FAMILIES, EncoderConfig
-from encoder_service.encoder import MediaItem
 from encoder_service.families import build_preprocessor
 from encoder_service.inspect import describe, main
-from encoder_service.media import MediaRef
+from mmserve.wire.media import MediaItem, MediaRef, Modality
 
 from .test_video import make_video
 
@@ -72,9 +71,10 @@ async def test_a_video_is_planned_as_the_encoder_encodes_it(tmp_path, encoder):
     assert code == 0
     assert (report["modality"], report["frames"], report["num_tiles"], report["num_tokens"]) == (
         "video", 3, 3, 768)
-    encoded = await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=3))
-    assert (report["content_hash"], report["num_tokens"]) == (encoded.content_hash,
-                                                             encoded.num_tokens)
+    encoded = await encoder.encode(MediaItem(MediaRef(data=data), Modality.VIDEO, num_frames=3))
+    assert (report["content_hashes"], report["num_tokens"]) == (
+        [frame.content_hash for frame in encoded], sum(frame.num_tokens for frame in encoded))
+    assert {frame.handle for frame in encoded} == {report["handle"]}
     code, default = run([str(path), "--family", "internvl2"])
     assert default["frames"] == encoder.config.video_frames
 

@@ -21,12 +21,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from encoder_service.config import EncoderConfig
-from encoder_service.encoder import Encoder, MediaItem
+from encoder_service.encoder import Encoder
 from encoder_service.families import build_preprocessor
 from encoder_service.families.internvl import IMAGENET_MEAN, IMAGENET_STD
-from encoder_service.media import MediaRef
 from encoder_service.towers import build_tower
+from hf_layouts import internvit_state, make_rand
 from encoder_service.towers.internvit import InternViTTower
+from mmserve.wire.media import MediaItem, MediaRef
 
 IMAGE, PATCH, LLM = 56, 14, 24
 
@@ -38,36 +39,8 @@ VIT_6B = dict(hidden_size=40, num_attention_heads=5, intermediate_size=72, num_h
 
 def write_checkpoint(path, vision: dict, select_layer: int = -1, seed: int = 0) -> dict:
     """Random weights in the original layout; returns the state dict."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    d, inner = vision["hidden_size"], vision["intermediate_size"]
-    grid = IMAGE // PATCH
-    sd = {"vision_model.embeddings.class_embedding": rand(1, 1, d),
-          "vision_model.embeddings.patch_embedding.weight": rand(d, 3, PATCH, PATCH, scale=0.05),
-          "vision_model.embeddings.patch_embedding.bias": rand(d),
-          "vision_model.embeddings.position_embedding": rand(1, grid * grid + 1, d)}
-    for n in range(vision["num_hidden_layers"]):
-        p = f"vision_model.encoder.layers.{n}."
-        sd.update({p + "attn.qkv.weight": rand(3 * d, d), p + "attn.proj.weight": rand(d, d),
-                   p + "attn.proj.bias": rand(d), p + "ls1": 1 + rand(d), p + "ls2": 1 + rand(d),
-                   p + "mlp.fc1.weight": rand(inner, d), p + "mlp.fc1.bias": rand(inner),
-                   p + "mlp.fc2.weight": rand(d, inner), p + "mlp.fc2.bias": rand(d)})
-        if vision["qkv_bias"]:
-            sd[p + "attn.qkv.bias"] = rand(3 * d)
-        if vision["qk_normalization"]:
-            sd[p + "attn.q_norm.weight"] = 1 + rand(d)
-            sd[p + "attn.k_norm.weight"] = 1 + rand(d)
-        for norm in ("norm1", "norm2"):
-            sd[f"{p}{norm}.weight"] = 1 + rand(d)
-            if vision["norm_type"] == "layer_norm":
-                sd[f"{p}{norm}.bias"] = rand(d)
-    sd.update({"mlp1.0.weight": 1 + rand(4 * d), "mlp1.0.bias": rand(4 * d),
-               "mlp1.1.weight": rand(LLM, 4 * d), "mlp1.1.bias": rand(LLM),
-               "mlp1.3.weight": rand(LLM, LLM), "mlp1.3.bias": rand(LLM),
-               "language_model.model.embed_tokens.weight": rand(10, LLM)})
+    sd = internvit_state(make_rand(seed, 0.2), vision, IMAGE, PATCH, LLM)
+    sd["language_model.model.embed_tokens.weight"] = make_rand(seed + 1, 0.2)(10, LLM)
     # Two shards, as real checkpoints come, to exercise loading across files.
     keys = sorted(sd)
     for shard, part in ((1, keys[::2]), (2, keys[1::2])):
@@ -163,16 +136,16 @@ def test_output_dtype_follows_the_service_config(tmp_path):
 async def test_the_encoder_tiles_and_encodes_with_the_checkpoint_tower(tmp_path):
     write_checkpoint(tmp_path, VIT_300M)
     config = EncoderConfig(tower="torch", checkpoint=str(tmp_path), image_size=IMAGE, port=0)
-    assert config.hidden_size == LLM
+    assert config.hidden_size is None  # config holds values only: the width is the checkpoint's
     tower = build_tower(config)
-    assert isinstance(tower, InternViTTower)
+    assert isinstance(tower, InternViTTower) and tower.hidden_size == LLM
     encoder = Encoder(config, tower)
     encoder.start()
     try:
         buffer = io.BytesIO()
         Image.new("RGB", (120, 56), (90, 20, 200)).save(buffer, format="PNG")
         item = MediaItem(MediaRef(data=buffer.getvalue()))
-        (result,) = [r async for r in encoder.encode_all([item])]
+        (result,) = [r async for rs in encoder.encode_all([item]) for r in rs]
     finally:
         await encoder.stop()
     # 120x56 -> 2x1 grid + thumbnail = 3 tiles of 4 rows each.
@@ -181,9 +154,11 @@ async def test_the_encoder_tiles_and_encodes_with_the_checkpoint_tower(tmp_path)
 
 def test_a_hidden_size_that_differs_from_the_checkpoint_fails_fast(tmp_path):
     write_checkpoint(tmp_path, VIT_300M)
+    for shard in tmp_path.glob("*.safetensors"):
+        shard.unlink()  # fails before any weight is read
     with pytest.raises(ValueError, match=f"hidden_size 896 does not match the checkpoint's "
                                          f"LLM hidden size {LLM}"):
-        EncoderConfig(tower="torch", checkpoint=str(tmp_path), hidden_size=896)
+        build_tower(EncoderConfig(tower="torch", checkpoint=str(tmp_path), hidden_size=896))
 
 
 def test_a_tile_size_other_than_the_checkpoints_fails_at_load(tmp_path):

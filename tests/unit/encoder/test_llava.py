@@ -9,18 +9,28 @@ import threading
 import pytest
 import torch
 from PIL import Image
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 
 from encoder_service.config import EncoderConfig
-from encoder_service.encoder import Encoder, MediaItem
+from encoder_service.encoder import Encoder
 from encoder_service.families import build_preprocessor
 from encoder_service.families.llava import (
-    CLIP_MEAN, CLIP_STD, LlavaPreprocessor, resize_and_pad, select_best_resolution)
-from encoder_service.media import MediaRef
-from encoder_service.towers import build_tower
+    CLIP_MEAN,
+    CLIP_STD,
+    LlavaPreprocessor,
+    resize_and_pad,
+    select_best_resolution,
+)
+from encoder_service.towers import build_tower, checkpoint_hidden_size
 from encoder_service.towers.clip import LlavaTower
+from mmserve.wire.media import MediaItem, MediaRef
+from polling import eventually
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
@@ -106,7 +116,7 @@ def striped(width: int, height: int) -> Image.Image:
 
 def preprocessor_for(path):
     config = EncoderConfig(port=0, family="llava-1.6", tower="torch", checkpoint=str(path))
-    assert config.hidden_size == 48
+    assert checkpoint_hidden_size(config.family, str(path)) == 48
     return build_preprocessor(config)
 
 
@@ -160,8 +170,8 @@ async def test_the_encoder_returns_the_variable_row_count_and_reuses_it(tiny_lla
         buffer = io.BytesIO()
         striped(100, 60).save(buffer, format="PNG")
         item = MediaItem(MediaRef(data=buffer.getvalue()))
-        first, second = [r async for r in encoder.encode_all([item, item])]
-        (third,) = [r async for r in encoder.encode_all([item])]
+        first, second = [r async for rs in encoder.encode_all([item, item]) for r in rs]
+        (third,) = [r async for rs in encoder.encode_all([item]) for r in rs]
     finally:
         await encoder.stop()
     assert (first.num_tiles, first.num_tokens, first.embeddings.shape[1]) == (5, 14, 48)
@@ -193,10 +203,9 @@ async def test_crops_of_concurrent_images_share_one_tower_call(tiny_llava):
         busy = asyncio.create_task(encoder.encode(items[0]))
         await asyncio.to_thread(entered.wait, 10)
         rest = asyncio.gather(*(encoder.encode(item) for item in items[1:]))
-        while encoder.batcher._queue.qsize() < 2:  # both wait behind the held call
-            await asyncio.sleep(0.01)
+        await eventually(lambda: encoder.batcher._queue.qsize() == 2)  # behind the held call
         release.set()
-        results = [await busy, *await rest]
+        results = [item for items in [await busy, *await rest] for item in items]
     finally:
         await encoder.stop()
     assert batches == [5, 10]  # the two queued images' crops went in one call

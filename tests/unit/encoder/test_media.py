@@ -15,7 +15,8 @@ from PIL import Image
 from encoder_service.cache import ContentStore, StoredItem
 from encoder_service.config import EncoderConfig
 from encoder_service.errors import InvalidMedia, MediaForbidden, MediaNotFound
-from encoder_service.media import MediaRef, MediaResolver
+from encoder_service.media import MediaResolver
+from mmserve.wire.media import MediaRef
 
 from .images import data_url, png_bytes
 

@@ -11,16 +11,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
-from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 from encoder_service.config import EncoderConfig
+from encoder_service.towers import checkpoint_hidden_size
 from encoder_service.families import build_preprocessor
 from encoder_service.families.megrez import MegrezPreprocessor, slice_image
 from encoder_service.towers.siglip import MegrezTower
 from encoder_service.towers.whisper import WhisperAudioEncoder
 
-from .test_whisper_tower import random_reference_state
+from hf_layouts import make_rand, megrez_tower_state, whisper_reference_state
 
 HIDDEN, QUERIES = 256, 64
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -60,24 +59,7 @@ def test_pixels_stay_in_0_255():
 def write_tiny_megrez(path, seed: int = 0) -> None:
     """A random checkpoint in the reference layout: vision.vpm.*, vision.resampler.*,
     audio.audio.* (OpenAI Whisper names); the last SigLIP layer is dropped by config."""
-    torch.manual_seed(seed)
-    vpm = Idefics2VisionTransformer(Idefics2VisionConfig(**VISION))
-    state = {f"vision.vpm.{k}": v for k, v in vpm.state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    resampler = {"query": (QUERIES, HIDDEN), "kv_proj.weight": (HIDDEN, 32),
-                 "attn.in_proj_weight": (3 * HIDDEN, HIDDEN), "attn.in_proj_bias": (3 * HIDDEN,),
-                 "attn.out_proj.weight": (HIDDEN, HIDDEN), "attn.out_proj.bias": (HIDDEN,),
-                 "proj": (HIDDEN, HIDDEN)}
-    for name, shape in resampler.items():
-        state[f"vision.resampler.{name}"] = torch.randn(*shape, generator=g) * 0.1
-    for ln in ("ln_q", "ln_kv", "ln_post"):
-        state[f"vision.resampler.{ln}.weight"] = 1 + 0.1 * torch.randn(HIDDEN, generator=g)
-        state[f"vision.resampler.{ln}.bias"] = 0.1 * torch.randn(HIDDEN, generator=g)
-    audio = random_reference_state(seed)
-    audio["proj.weight"] = torch.randn(HIDDEN, 32, generator=g) * 0.2
-    audio["proj.bias"] = torch.randn(HIDDEN, generator=g) * 0.2
-    audio["audio_bos_eos_token.weight"] = torch.randn(2, HIDDEN, generator=g)
-    state.update({f"audio.audio.{k}": v for k, v in audio.items()})
+    state = megrez_tower_state(make_rand(seed), VISION, HIDDEN, AUDIO, QUERIES)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     config = {"hidden_size": HIDDEN, "query_num": QUERIES, "drop_vision_last_layer": True,
               "vision_config": VISION, "audio_config": AUDIO}
@@ -140,7 +122,7 @@ def checkpoint(tmp_path_factory):
 
 def test_tower_matches_reference(checkpoint):
     config = EncoderConfig(port=0, family="megrez-omni", tower="torch", checkpoint=str(checkpoint))
-    assert config.hidden_size == HIDDEN
+    assert checkpoint_hidden_size(config.family, str(checkpoint)) == HIDDEN
     tower = MegrezTower(checkpoint, torch.float32)
     assert len(tower.vision.vpm.encoder.layers) == 2
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 600, 3), np.uint8))
@@ -159,7 +141,7 @@ def test_audio_goes_through_the_whisper_tower(checkpoint):
     samples = np.sin(np.arange(16000) * 0.05).astype(np.float32) * 0.3
     rows = tower.encode_item(preprocessor.preprocess(samples))
     standalone = WhisperAudioEncoder.from_config(AUDIO)
-    state = random_reference_state(0)
+    state = whisper_reference_state(make_rand(0), **AUDIO)
     loaded = {k.removeprefix("audio.audio."): v for k, v in
               load_file(str(checkpoint / "model.safetensors")).items()
               if k.startswith("audio.audio.")}

@@ -14,13 +14,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from encoder_service.config import EncoderConfig
-from encoder_service.encoder import Encoder, MediaItem
-from encoder_service.media import MediaRef
-from encoder_service.server import EncoderServicer, encoder_pb2
-from encoder_service.towers import build_tower
+from encoder_service.encoder import Encoder
 from encoder_service.families import build_preprocessor
 from encoder_service.families.qwenvl import CLIP_MEAN, CLIP_STD
+from encoder_service.server import EncoderServicer, encoder_pb2
+from encoder_service.towers import build_tower
 from encoder_service.towers.qwenvl import QwenVLTower, sincos_pos_embed_2d
+from hf_layouts import make_rand, qwen_visual_state
+from mmserve.wire.media import MediaItem, MediaRef
 
 IMAGE, PATCH, WIDTH, HEADS, LAYERS, OUT, QUERIES = 56, 14, 32, 4, 2, 256, 4
 VISUAL = dict(image_size=IMAGE, patch_size=PATCH, width=WIDTH, heads=HEADS, layers=LAYERS,
@@ -84,41 +85,13 @@ def test_sincos_table_matches_the_original():
 
 
 def write_checkpoint(path, seed: int = 0, queries: int = QUERIES, image_size: int = IMAGE) -> dict:
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    mlp = int(WIDTH * VISUAL["mlp_ratio"])
-    v = "transformer.visual."
-    sd = {v + "conv1.weight": rand(WIDTH, 3, PATCH, PATCH, scale=0.05),
-          v + "positional_embedding": rand(256, WIDTH),
-          v + "ln_pre.weight": 1 + rand(WIDTH), v + "ln_pre.bias": rand(WIDTH),
-          v + "ln_post.weight": 1 + rand(OUT), v + "ln_post.bias": rand(OUT),
-          v + "proj": rand(OUT, OUT, scale=OUT ** -0.5),
-          v + "attn_pool.query": rand(queries, OUT),
-          v + "attn_pool.pos_embed": torch.from_numpy(original_sincos(OUT, int(queries ** 0.5))),
-          v + "attn_pool.kv_proj.weight": rand(OUT, WIDTH),
-          v + "attn_pool.attn.in_proj_weight": rand(3 * OUT, OUT, scale=0.05),
-          v + "attn_pool.attn.in_proj_bias": rand(3 * OUT),
-          v + "attn_pool.attn.out_proj.weight": rand(OUT, OUT, scale=0.05),
-          v + "attn_pool.attn.out_proj.bias": rand(OUT),
-          "transformer.wte.weight": rand(10, OUT)}
-    for name in ("ln_q", "ln_kv"):
-        sd.update({f"{v}attn_pool.{name}.weight": 1 + rand(OUT),
-                   f"{v}attn_pool.{name}.bias": rand(OUT)})
-    for n in range(LAYERS):
-        p = f"{v}transformer.resblocks.{n}."
-        sd.update({p + "ln_1.weight": 1 + rand(WIDTH), p + "ln_1.bias": rand(WIDTH),
-                   p + "ln_2.weight": 1 + rand(WIDTH), p + "ln_2.bias": rand(WIDTH),
-                   p + "attn.in_proj.weight": rand(3 * WIDTH, WIDTH),
-                   p + "attn.in_proj.bias": rand(3 * WIDTH),
-                   p + "attn.out_proj.weight": rand(WIDTH, WIDTH),
-                   p + "attn.out_proj.bias": rand(WIDTH),
-                   p + "mlp.c_fc.weight": rand(mlp, WIDTH), p + "mlp.c_fc.bias": rand(mlp),
-                   p + "mlp.c_proj.weight": rand(WIDTH, mlp), p + "mlp.c_proj.bias": rand(WIDTH)})
-    save_file({k: t.contiguous() for k, t in sd.items()}, str(path / "model.safetensors"))
     visual = {**VISUAL, "n_queries": queries, "image_size": image_size}
+    rand = make_rand(seed, 0.2)
+    v = "transformer.visual."
+    sd = qwen_visual_state(rand, visual)
+    sd[v + "attn_pool.pos_embed"] = torch.from_numpy(original_sincos(OUT, int(queries ** 0.5)))
+    sd["transformer.wte.weight"] = rand(10, OUT)
+    save_file({k: t.contiguous() for k, t in sd.items()}, str(path / "model.safetensors"))
     config = {"architectures": ["QWenLMHeadModel"], "hidden_size": OUT, "visual": visual,
               "torch_dtype": "bfloat16"}
     (path / "config.json").write_text(json.dumps(config))
@@ -186,28 +159,38 @@ def test_tower_matches_the_original_maths(tmp_path):
     torch.testing.assert_close(out, reference_forward(sd, pixels), atol=1e-5, rtol=1e-5)
 
 
-def test_config_reads_the_width_from_the_checkpoint(tmp_path):
+def test_the_tower_takes_the_width_from_the_checkpoint(tmp_path):
     write_checkpoint(tmp_path)
-    config = EncoderConfig(family="qwen-vl-chat", tower="torch", checkpoint=str(tmp_path))
-    assert config.hidden_size == OUT
+    config = EncoderConfig(family="qwen-vl-chat", tower="torch", checkpoint=str(tmp_path),
+                           image_size=IMAGE)
+    assert build_tower(config).hidden_size == OUT
     with pytest.raises(ValueError, match=f"hidden_size 4096 does not match .* {OUT}"):
-        EncoderConfig(family="qwen-vl-chat", tower="torch", checkpoint=str(tmp_path),
-                      hidden_size=4096)
+        build_tower(EncoderConfig(family="qwen-vl-chat", tower="torch",
+                                  checkpoint=str(tmp_path), hidden_size=4096))
+
+
+class NoMetadata:
+    """The one part of a servicer context the handler reads."""
+
+    def invocation_metadata(self):
+        return ()
 
 
 async def test_the_encoder_serves_qwen_vl_from_the_family_and_checkpoint(tmp_path):
     write_checkpoint(tmp_path, queries=256, image_size=448)
     config = EncoderConfig(family="qwen-vl-chat", tower="torch", checkpoint=str(tmp_path), port=0)
-    info = await EncoderServicer(config).GetModelInfo(encoder_pb2.EncoderInfoRequest(), None)
-    assert (info.family, info.hidden_size, info.tokens_per_tile) == ("qwen-vl-chat", OUT, 256)
     encoder = Encoder(config, build_tower(config))
+    servicer = EncoderServicer(config, encoder.preprocessor)
+    servicer.encoder = encoder
+    info = await servicer.GetModelInfo(encoder_pb2.EncoderInfoRequest(), NoMetadata())
+    assert (info.family, info.hidden_size, info.tokens_per_tile) == ("qwen-vl-chat", OUT, 256)
     encoder.start()
     try:
         image = noise_image(300, 200)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         item = MediaItem(MediaRef(data=buffer.getvalue()))
-        (result,) = [r async for r in encoder.encode_all([item])]
+        (result,) = [r async for rs in encoder.encode_all([item]) for r in rs]
     finally:
         await encoder.stop()
     assert (result.num_tiles, result.num_tokens, result.embeddings.shape[1]) == (1, 256, OUT)

@@ -30,7 +30,13 @@ def test_checkpoint_is_required(tmp_path):
 def test_hidden_size_comes_from_the_checkpoint(checkpoint, tmp_path):
     config = EncoderConfig(tower="tensorrt", checkpoint=checkpoint,
                            tensorrt_engine=str(tmp_path / "vision.plan"))
-    assert config.hidden_size == 896
+    assert config.hidden_size is None  # config holds values; the checkpoint is read at load
+    assert towers.checkpoint_hidden_size(config.family, checkpoint) == 896
+    with pytest.raises(ValueError, match="hidden_size 1024 does not match the checkpoint's LLM "
+                                         "hidden size 896"):
+        towers.build_tower(EncoderConfig(tower="tensorrt", checkpoint=checkpoint,
+                                         tensorrt_engine=str(tmp_path / "vision.plan"),
+                                         hidden_size=1024))
 
 
 def test_build_tower_loads_the_engine(checkpoint, tmp_path, monkeypatch):

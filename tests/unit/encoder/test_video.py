@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from encoder_service.config import EncoderConfig
-from encoder_service.encoder import Encoder, MediaItem
+from encoder_service.encoder import Encoder
 from encoder_service.errors import InvalidMedia, InvalidRequest
 from encoder_service.families import build_preprocessor
-from encoder_service.media import MediaRef
 from encoder_service.towers.demo import DemoTower
-from encoder_service.video import frames_to_pixel_values, get_index, sample_frames
+from encoder_service.video import get_index, sample_frames
+from mmserve.wire.media import MediaItem, MediaRef, Modality
 
 
 @pytest.mark.parametrize("frames,segments,expected", [
@@ -67,9 +67,10 @@ def test_sampled_frames_are_the_indexed_ones():
 
 def test_frames_become_one_tile_of_256_rows_each():
     frames = sample_frames(make_video(12), 3)
-    prepared = frames_to_pixel_values(frames, build_preprocessor(EncoderConfig()))
-    assert prepared.pixel_values.shape == (3, 3, 448, 448)
-    assert (prepared.num_tiles, prepared.num_tokens) == (3, 768)
+    preprocessor = build_preprocessor(EncoderConfig())
+    prepared = [preprocessor.preprocess(frame, 1) for frame in frames]
+    assert [p.pixel_values.shape for p in prepared] == [(1, 3, 448, 448)] * 3
+    assert [(p.num_tiles, p.num_tokens) for p in prepared] == [(1, 256)] * 3
 
 
 def test_bytes_that_are_not_a_video_are_refused():
@@ -78,37 +79,68 @@ def test_bytes_that_are_not_a_video_are_refused():
         sample_frames(b"definitely not a video", 4)
 
 
-def expected_rows(encoder: Encoder, data: bytes, frames: int) -> torch.Tensor:
-    """The tower run directly on the video's sampled frames."""
-    pixels = frames_to_pixel_values(sample_frames(data, frames), encoder.preprocessor)
-    return encoder.tower.encode(pixels.pixel_values).reshape(-1, encoder.config.hidden_size)
+def expected_rows(encoder: Encoder, data: bytes, frames: int) -> list[torch.Tensor]:
+    """The tower run directly on each of the video's sampled frames."""
+    return [encoder.tower.encode(encoder.preprocessor.preprocess(frame, 1).pixel_values)
+            .reshape(-1, encoder.tower.hidden_size) for frame in sample_frames(data, frames)]
 
 
-async def test_the_encoder_returns_one_item_with_a_tile_per_frame(encoder):
+async def test_the_encoder_returns_one_item_per_frame_with_its_own_hash(encoder):
     data = make_video(20)
-    item = MediaItem(MediaRef(data=data, mime_type="video/mp4"), "video", num_frames=3)
+    item = MediaItem(MediaRef(data=data, mime_type="video/mp4"), Modality.VIDEO, num_frames=3)
     (result,) = [r async for r in encoder.encode_all([item])]
     with pytest.raises(InvalidRequest, match="num_frames 65 exceeds the limit of 64"):
-        await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=65))
-    assert (result.num_tiles, result.num_tokens) == (3, 768)
-    torch.testing.assert_close(result.embeddings, expected_rows(encoder, data, 3))
+        await encoder.encode(MediaItem(MediaRef(data=data), Modality.VIDEO, num_frames=65))
+    assert [(r.frame, r.num_tiles, r.num_tokens) for r in result] == [(1, 1, 256), (2, 1, 256),
+                                                                     (3, 1, 256)]
+    frames = sample_frames(data, 3)
+    assert [r.content_hash for r in result] == [
+        encoder.preprocessor.content_hash(frame, 1) for frame in frames]
+    for got, want in zip(result, expected_rows(encoder, data, 3)):
+        torch.testing.assert_close(got.embeddings, want)
+    # Every frame names the stored file: sent back, it is sampled again.
+    assert len({r.handle for r in result}) == 1 and result[0].handle.startswith("mm://sha256:")
 
 
 async def test_a_video_handle_is_sampled_again_from_the_stored_file(encoder):
     data = make_video(20)
-    first = await encoder.encode(MediaItem(MediaRef(data=data), "video", num_frames=3))
-    handle = MediaRef(url=f"mm://sha256:{first.content_hash}")
-    same = await encoder.encode(MediaItem(handle, "video", num_frames=3))
-    more = await encoder.encode(MediaItem(handle, "video", num_frames=4))
-    assert (first.cached, same.cached, more.cached) == (False, True, False)
-    assert same.content_hash == first.content_hash != more.content_hash
-    torch.testing.assert_close(same.embeddings, first.embeddings, rtol=0, atol=0)
-    assert more.num_tiles == 4
-    torch.testing.assert_close(more.embeddings, expected_rows(encoder, data, 4))
+    first = await encoder.encode(MediaItem(MediaRef(data=data), Modality.VIDEO, num_frames=3))
+    handle = MediaRef(url=first[0].handle)
+    same = await encoder.encode(MediaItem(handle, Modality.VIDEO, num_frames=3))
+    more = await encoder.encode(MediaItem(handle, Modality.VIDEO, num_frames=4))
+    assert [f.cached for f in first] == [False] * 3 and [f.cached for f in same] == [True] * 3
+    # Frames 2, 7, 12, 16 instead of 3, 9, 16: the one frame both samplings pick is reused.
+    assert [f.cached for f in more] == [False, False, False, True]
+    assert [f.content_hash for f in same] == [f.content_hash for f in first]
+    assert more[3].content_hash == first[2].content_hash
+    assert {f.content_hash for f in more[:3]}.isdisjoint(f.content_hash for f in first)
+    assert {f.handle for f in same} == {f.handle for f in more} == {first[0].handle}
+    for a, b in zip(same, first):
+        torch.testing.assert_close(a.embeddings, b.embeddings, rtol=0, atol=0)
+    assert len(more) == 4
+    for got, want in zip(more, expected_rows(encoder, data, 4)):
+        torch.testing.assert_close(got.embeddings, want)
+
+
+async def test_frames_the_client_sent_are_items_with_their_own_handles(encoder):
+    frames = sample_frames(make_video(20), 2)
+    refs = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        frame.save(buffer, format="PNG")
+        refs.append(MediaRef(data=buffer.getvalue()))
+    sent = await encoder.encode(MediaItem(modality=Modality.VIDEO, frames=tuple(refs)))
+    assert [(f.frame, f.num_tokens) for f in sent] == [(1, 256), (2, 256)]
+    assert [f.handle for f in sent] == [f"mm://sha256:{f.content_hash}" for f in sent]
+    # A frame's handle stands for that frame.
+    again = await encoder.encode(MediaItem(modality=Modality.VIDEO,
+                                           frames=(MediaRef(url=sent[1].handle),)))
+    assert again[0].cached and again[0].content_hash == sent[1].content_hash
 
 
 async def test_families_without_video_refuse_it(config):
     qwen = EncoderConfig(family="qwen-vl-chat", port=0)
-    encoder = Encoder(qwen, DemoTower(hidden_size=qwen.hidden_size, dtype=torch.float32, seed=0))
+    encoder = Encoder(qwen, DemoTower(hidden_size=qwen.hidden_size, dtype=torch.float32, seed=0),
+                      build_preprocessor(qwen))
     with pytest.raises(InvalidRequest, match="encodes image only, got a video item"):
-        await encoder.encode(MediaItem(MediaRef(data=b"x"), "video"))
+        await encoder.encode(MediaItem(MediaRef(data=b"x"), Modality.VIDEO))

@@ -10,39 +10,17 @@ import torch
 import torch.nn.functional as F
 from transformers import WhisperFeatureExtractor
 
-from encoder_service.audio import AudioPreprocessor, audio_lengths
+from encoder_service.families.audio import AudioPreprocessor, audio_lengths
 from encoder_service.towers.whisper import WhisperAudioEncoder
+from hf_layouts import make_rand, whisper_reference_state
 
 N_MELS, N_CTX, N_STATE, N_HEAD, N_LAYER, OUTPUT_DIM = 16, 1500, 32, 4, 2, 48
 
 
 def random_reference_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """OpenAI-Whisper-named tensors, as Megrez checkpoints store them under `audio.audio.`."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g) * 0.2
-
-    state = {"conv1.weight": rand(N_STATE, N_MELS, 3), "conv1.bias": rand(N_STATE),
-             "conv2.weight": rand(N_STATE, N_STATE, 3), "conv2.bias": rand(N_STATE),
-             "positional_embedding": rand(N_CTX, N_STATE),  # ignored: recomputed
-             "ln_post.weight": 1 + rand(N_STATE), "ln_post.bias": rand(N_STATE),
-             "proj.weight": rand(OUTPUT_DIM, N_STATE), "proj.bias": rand(OUTPUT_DIM),
-             "audio_bos_eos_token.weight": rand(2, OUTPUT_DIM)}
-    for i in range(N_LAYER):
-        p = f"blocks.{i}."
-        for name in ("query", "value", "out"):
-            state[p + f"attn.{name}.weight"] = rand(N_STATE, N_STATE)
-            state[p + f"attn.{name}.bias"] = rand(N_STATE)
-        state[p + "attn.key.weight"] = rand(N_STATE, N_STATE)
-        for ln in ("attn_ln", "mlp_ln"):
-            state[p + f"{ln}.weight"] = 1 + rand(N_STATE)
-            state[p + f"{ln}.bias"] = rand(N_STATE)
-        state[p + "mlp.0.weight"] = rand(4 * N_STATE, N_STATE)
-        state[p + "mlp.0.bias"] = rand(4 * N_STATE)
-        state[p + "mlp.2.weight"] = rand(N_STATE, 4 * N_STATE)
-        state[p + "mlp.2.bias"] = rand(N_STATE)
-    return state
+    return whisper_reference_state(make_rand(seed, 0.2), N_MELS, N_CTX, N_STATE, N_LAYER,
+                                   OUTPUT_DIM)
 
 
 def reference_forward(s: dict[str, torch.Tensor], mel: torch.Tensor, samples: int) -> torch.Tensor:

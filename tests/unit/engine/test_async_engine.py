@@ -6,18 +6,22 @@ import asyncio
 import os
 import signal
 import threading
-import time
 
 import pytest
 import torch
+from tiny_checkpoints import DIMS, VOCAB
 
 from llm_service.engine.async_engine import TorchEngine, merge_outputs
 from llm_service.engine.config import EngineConfig
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
 from llm_service.engine.protocol import (
-    EmbeddingSpan, EngineOutput, EngineRequest, FinishReason, SamplingParams)
-from llm_service.errors import EngineDead, InvalidRequest, Overloaded
-
-from tiny_checkpoints import DIMS, VOCAB
+    EmbeddingSpan,
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    SamplingParams,
+)
+from polling import eventually
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
@@ -56,13 +60,6 @@ def hf_greedy(reference, ids: list[int], n: int) -> list[int]:
     out = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 class Gate:
@@ -221,9 +218,9 @@ async def test_full_waiting_queue_refuses_with_overloaded(make_engine):
     running = asyncio.ensure_future(collect(engine, EngineRequest("a", [1, 2], GREEDY)))
     await gate.reached()  # a is running; the engine holds before its first step
     waiting = asyncio.ensure_future(collect(engine, EngineRequest("b", [3, 4], GREEDY)))
-    await wait_until(lambda: "b" in engine._streams)
+    await eventually(lambda: "b" in engine._streams)
     refused = asyncio.ensure_future(collect(engine, EngineRequest("c", [5, 6], GREEDY)))
-    await wait_until(lambda: "c" in engine._streams)
+    await eventually(lambda: "c" in engine._streams)
     gate.open()
     with pytest.raises(Overloaded, match="max_waiting=1"):
         await refused
@@ -237,7 +234,7 @@ async def test_abort_at_each_stage_frees_all_blocks(make_engine, stage):
     holder = None
     if stage == "waiting":  # takes the only running slot
         holder = asyncio.ensure_future(collect(engine, EngineRequest("hold", [1, 2], GREEDY)))
-        await wait_until(lambda: "hold" in engine._streams)
+        await eventually(lambda: "hold" in engine._streams)
     target = engine.generate(EngineRequest("t", prompt(4, 10), SamplingParams(max_tokens=50)))
     first = asyncio.ensure_future(target.__anext__())
     await gate.reached()
@@ -258,13 +255,37 @@ async def test_abort_at_each_stage_frees_all_blocks(make_engine, stage):
     assert (stats.kv_blocks_used, stats.running, stats.waiting) == (0, 0, 0)
 
 
+async def test_finishing_one_choice_frees_its_blocks_while_its_sibling_decodes(make_engine):
+    engine = await make_engine()
+    gate = Gate(engine)
+    stream = engine.generate(EngineRequest("a", prompt(6, 9), SamplingParams(
+        n=2, max_tokens=6, temperature=0.0)))
+    first = asyncio.ensure_future(stream.__anext__())
+    await gate.reached()  # step 1: the prompt; choice 1 forks at its end
+    for _ in range(2):  # step 2: both choices decode; step 3 waits
+        gate.step()
+        await gate.reached()
+    # 4-token blocks: the 9-token prompt's first two shared, one tail block per choice.
+    assert engine.stats().kv_blocks_used == 4
+    await engine.finish("a", 1)  # as the generator does when choice 1 matched a stop string
+    gate.step()
+    await gate.reached()  # step 4: choice 0 alone
+    assert engine.stats().kv_blocks_used == 3
+    gate.open()
+    outputs = [await first] + [out async for out in stream]
+    finals = {o.index: o for o in outputs if o.finished}
+    assert finals[1].finish_reason == FinishReason.STOP and len(tokens(outputs, 1)) == 2
+    assert finals[0].finish_reason == FinishReason.LENGTH and len(tokens(outputs, 0)) == 6
+    await eventually(lambda: engine.stats().kv_blocks_used == 0)
+
+
 async def test_closing_the_stream_early_aborts(make_engine):
     engine = await make_engine()
     stream = engine.generate(EngineRequest("a", prompt(5, 9), SamplingParams(max_tokens=200)))
     await stream.__anext__()
     await stream.__anext__()
     await stream.aclose()
-    await wait_until(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
+    await eventually(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
     assert engine._core.core.scheduler.requests == {}
 
 
@@ -297,7 +318,7 @@ async def test_a_fatal_error_fails_everything_and_marks_the_engine_dead(make_eng
     outputs = await collect(engine, EngineRequest("a", [1, 2, 3], SamplingParams(n=2)))
     assert {o.index for o in outputs} == {0, 1}
     assert all(o.finish_reason == FinishReason.ABORT and "corrupted" in o.error for o in outputs)
-    await wait_until(lambda: not engine.healthy)
+    await eventually(lambda: not engine.healthy)
     with pytest.raises(EngineDead, match="corrupted"):
         await engine.generate(EngineRequest("b", [1], GREEDY)).__anext__()
 
@@ -402,7 +423,7 @@ async def test_in_its_own_process_an_abort_frees_the_blocks(make_engine):
     stream = engine.generate(EngineRequest("a", prompt(5, 9), SamplingParams(max_tokens=10_000)))
     await stream.__anext__()
     await stream.aclose()
-    await wait_until(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
+    await eventually(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
     assert len(tokens(await collect(engine, EngineRequest("b", [1, 2, 3], GREEDY)))) == 8
 
 

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_service.engine.block_manager import BlockManager
+from llm_service.engine.errors import Overloaded
 from llm_service.engine.outputs import RunnerOutput, SchedulerOutput
 from llm_service.engine.protocol import EngineOutput, EngineRequest, FinishReason, SamplingParams
 from llm_service.engine.scheduler import Scheduler
 from llm_service.engine.sequence import Sequence, SequenceStatus
-from llm_service.errors import Overloaded
 
 BS = 4
 EOS = 0
@@ -36,7 +36,7 @@ def request(rid: str, prompt: list[int] | int, priority: int = 0, **sampling) ->
 def step(sched: Scheduler, token: Callable[[Sequence], int] = lambda seq: 7,
          ) -> tuple[SchedulerOutput, list[EngineOutput]]:
     out = sched.schedule()
-    tokens = [token(s.seq) if s.sample else -1 for s in out.scheduled]
+    tokens = [token(s.seq) if s.sample else None for s in out.scheduled]
     return out, sched.update(out, RunnerOutput(tokens))
 
 
@@ -183,7 +183,7 @@ def test_n_choices_share_the_prompt_blocks():
     out, outputs = step(sched)
     assert plan(out) == [("a", 0, 0, 9)]
     assert [o.index for o in outputs] == [0]
-    parent, c1, c2 = seqs(sched, "a")
+    _parent, c1, c2 = seqs(sched, "a")
     assert (c1.block_table, c2.block_table) == ([0, 1], [0, 1])
     assert [b.ref_count for b in sched.block_manager.blocks[:3]] == [3, 3, 1]
     out, outputs = step(sched)
@@ -193,6 +193,28 @@ def test_n_choices_share_the_prompt_blocks():
     assert (c1.block_table, c2.block_table) == ([0, 1, 3], [0, 1, 4])
     step(sched)
     assert not sched.has_work and not sched.requests
+    assert sched.block_manager.num_free_blocks == 16
+
+
+def test_a_choice_that_matched_a_stop_string_frees_its_blocks_at_once():
+    sched = make_scheduler()
+    sched.add(request("a", 9, n=2, max_tokens=10))
+    step(sched)
+    step(sched)
+    parent, child = seqs(sched, "a")
+    assert (parent.block_table, child.block_table) == ([0, 1, 2], [0, 1, 3])
+    assert sched.block_manager.num_free_blocks == 12
+    (out,) = sched.finish("a", 1)  # the caller saw a stop string in choice 1's text
+    assert (out.index, out.finish_reason, out.new_token_ids) == (1, FinishReason.STOP, [])
+    assert child.block_table == [] and child.status == SequenceStatus.FINISHED_STOPPED
+    # Its own block is free now; the prompt blocks stay, held by choice 0 alone.
+    assert sched.block_manager.num_free_blocks == 13
+    assert [b.ref_count for b in sched.block_manager.blocks[:4]] == [1, 1, 1, 0]
+    assert sched.finish("a", 1) == [] and sched.finish("a", 7) == []
+    out, _ = step(sched)
+    assert plan(out) == [("a", 0, 10, 1)]  # only choice 0 keeps decoding
+    sched.finish("a", 0)
+    assert not sched.requests and not sched.has_work
     assert sched.block_manager.num_free_blocks == 16
 
 

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from gateway.__main__ import build_config, build_parser, main
+from gateway.__main__ import build_config, main, parse_args
 from gateway.config import GatewayConfig
 
 
 def config_from(argv: list[str], env: dict[str, str] | None = None) -> GatewayConfig:
     env = env or {}
-    return build_config(build_parser(env).parse_args(argv), env)
+    return build_config(parse_args(argv, env))
 
 
 def test_defaults_are_valid() -> None:

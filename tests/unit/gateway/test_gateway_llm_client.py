@@ -33,7 +33,9 @@ def test_messages_become_typed_parts() -> None:
     assert (pb.request_id, pb.model, pb.WhichOneof("input")) == (
         "chatcmpl-abc", "internvl2-1b", "messages")
     messages = pb.messages.messages
-    assert [m.role for m in messages] == ["system", "system", "user", "assistant"]
+    # Roles go as sent: the LLM service maps "developer" to system, once, for every caller
+    # (tests/unit/llm/test_server_mapping.py).
+    assert [m.role for m in messages] == ["developer", "system", "user", "assistant"]
     text, image, wav, mp3 = messages[2].content
     assert text.text == "What is in"
     assert image.image.url == "https://img.example/cat.jpg"

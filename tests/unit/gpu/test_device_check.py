@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "gpu"))
-import device_check  # noqa: E402
+import device_check
 
 pytestmark = pytest.mark.timeout(300)
 

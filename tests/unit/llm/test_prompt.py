@@ -5,10 +5,10 @@ import pytest
 from llm_service.errors import InvalidRequest
 from llm_service.prompt.builder import MediaFormat, PromptBuilder
 from llm_service.prompt.families import load_family
-from llm_service.prompt.messages import MediaRef, Message, Modality, TextPart
-from llm_service.prompt.template import MARKER
+from llm_service.prompt.messages import MediaItem, MediaRef, Message, Modality, TextPart
+from llm_service.prompt.template import MARKER, check_messages
 
-IMG = MediaRef(Modality.IMAGE, url="data:image/png;base64,AAAA")
+IMG = MediaItem(MediaRef(url="data:image/png;base64,AAAA"), Modality.IMAGE)
 
 
 def user(*parts):
@@ -80,14 +80,15 @@ def test_marker_count_must_match_encoded_items(smollm2_tokenizer):
         family.builder.build(text, [])
 
 
-def test_bad_role_and_reserved_marker_are_rejected(smollm2_tokenizer):
-    family = load_family("smollm2", smollm2_tokenizer)
+def test_bad_role_and_reserved_marker_are_rejected():
+    # Checked once per request, before the encoder runs (the generator calls it).
     with pytest.raises(InvalidRequest, match="role"):
-        family.template.render([Message("tool", (TextPart("x"),))])
+        check_messages([Message("tool", (TextPart("x"),))])
     with pytest.raises(InvalidRequest, match="reserved"):
-        family.template.render([user(MARKER.format(0))])
+        check_messages([user(MARKER.format(0))])
     with pytest.raises(InvalidRequest, match="empty"):
-        family.template.render([])
+        check_messages([])
+    assert Message("developer", ()).role == "system"  # OpenAI's alias, mapped once
 
 
 def test_unsupported_modality_is_rejected(smollm2_tokenizer):

@@ -12,9 +12,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from llm_service.prompt.families import (
-    INTERNLM2_SYSTEM, INTERNVL_SYSTEM, MEGREZ_SYSTEM, VICUNA_SYSTEM, load_family,
+    INTERNLM2_SYSTEM,
+    INTERNVL_SYSTEM,
+    MEGREZ_SYSTEM,
+    VICUNA_SYSTEM,
+    load_family,
 )
-from llm_service.prompt.messages import MediaRef, Message, Modality, TextPart
+from llm_service.prompt.messages import MediaItem, MediaRef, Message, Modality, TextPart
 from llm_service.prompt.template import MARKER_RE
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>",
@@ -26,7 +30,7 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>
 @pytest.fixture(scope="module")
 def tok():
     vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for word in "What is in the first image ? A cat . And second".split():
+    for word in ["What", "is", "in", "the", "first", "image", "?", "A", "cat", ".", "And", "second"]:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -36,8 +40,8 @@ def tok():
     return t
 
 
-IMG = MediaRef(Modality.IMAGE, url="data:image/png;base64,AA")
-AUDIO = MediaRef(Modality.AUDIO, data=b"RIFF")
+IMG = MediaItem(MediaRef(url="data:image/png;base64,AA"), Modality.IMAGE)
+AUDIO = MediaItem(MediaRef(data=b"RIFF"), Modality.AUDIO)
 TWO_TURNS = [
     Message("user", (IMG, TextPart("What is in the first image?"))),
     Message("assistant", (TextPart("A cat."),)),
@@ -163,8 +167,8 @@ def test_missing_special_token_names_it(smollm2_tokenizer):
 
 
 def test_internvl2_video_frames_prompt(tok):
-    frames = tuple(MediaRef(Modality.IMAGE, url="f", max_tiles=1, frame=k) for k in (1, 2, 3))
-    messages = [Message("user", (*frames, IMG, TextPart("What happens?")))]
+    video = MediaItem(modality=Modality.VIDEO, frames=(MediaRef(url="f"),) * 3)
+    messages = [Message("user", (video, IMG, TextPart("What happens?")))]
     text = render(tok, "internvl2", messages)
     # Frames are numbered on their own; the one real image is the only image.
     assert text.endswith("<|im_start|>user\nFrame1: <image>\nFrame2: <image>\nFrame3: <image>\n"

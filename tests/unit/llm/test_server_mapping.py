@@ -6,7 +6,7 @@ import pytest
 from llm_service import errors
 from llm_service.engine.protocol import FinishReason
 from llm_service.generator import Chunk, Usage
-from llm_service.server import chunk_to_pb, messages_from_pb, sampling_from_pb, status_for
+from llm_service.server import chunk_to_pb, grpc_status, messages_from_pb, sampling_from_pb
 from protos import common_pb2, llm_pb2
 
 
@@ -22,7 +22,7 @@ from protos import common_pb2, llm_pb2
     (RuntimeError("x"), grpc.StatusCode.INTERNAL),
 ])
 def test_error_to_status(exc, code):
-    assert status_for(exc) == code
+    assert grpc_status(exc) == code
 
 
 def test_sampling_defaults_and_fields():
@@ -60,7 +60,7 @@ def test_messages_from_pb_maps_roles_and_parts():
     ])
     assert msgs[0].role == "system" and msgs[0].text == "be nice"
     image, audio = msgs[1].media
-    assert image.url.startswith("data:") and audio.data == b"RIFF"
+    assert image.ref.url.startswith("data:") and audio.ref.data == b"RIFF"
     assert msgs[1].text == "hi"
 
 

@@ -7,9 +7,10 @@ import asyncio
 import pytest
 import torch
 
+from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, FinishReason, SamplingParams
 from llm_service.engine.trtllm import TrtllmEngine
-from llm_service.errors import EngineDead, InvalidRequest, Overloaded, Unavailable
+from polling import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -77,7 +78,7 @@ async def test_streaming_equals_non_streaming(make_engine):
 
 
 async def test_eos_stops_without_the_eos_token_and_ignore_eos_runs_on(make_engine):
-    engine, fake = await make_engine()
+    engine, _fake = await make_engine()
     stopped = await collect(engine, EngineRequest("a", PROMPT, SamplingParams(max_tokens=9),
                                                   eos_token_ids=(13,)))
     assert tokens(stopped) == [11, 12] and stopped[-1].finish_reason == FinishReason.STOP
@@ -110,8 +111,8 @@ async def test_abort_cancels_and_frees_the_request(make_engine):
     await engine.abort("a")
     rest = [out async for out in outputs]
     assert rest[-1].finish_reason == FinishReason.ABORT
-    await _until(lambda: not fake.active_ids())
-    await _until(lambda: engine.stats().running == 0)
+    await eventually(lambda: not fake.active_ids())
+    await eventually(lambda: engine.stats().running == 0)
     assert len(tokens([first, *rest])) < 200
 
 
@@ -120,7 +121,7 @@ async def test_closing_the_iterator_cancels(make_engine):
     outputs = engine.generate(EngineRequest("a", PROMPT, SamplingParams(max_tokens=200)))
     await outputs.__anext__()
     await outputs.aclose()
-    await _until(lambda: not fake.active_ids())
+    await eventually(lambda: not fake.active_ids())
     await engine.abort("a")  # unknown by now: a no-op
 
 
@@ -150,7 +151,7 @@ async def test_kv_blocks_are_reused_for_the_same_image_only(make_engine):
                                      ("3", image_b, "sha256:b")]:
         await collect(engine, request(name, embeddings, digest))
     assert [fake.reused_by_request[i] for i in (1, 2, 3)] == [0, 3, 0]
-    await _until(lambda: engine.stats().prefix_hit_rate > 0)
+    await eventually(lambda: engine.stats().prefix_hit_rate > 0)
     stats = engine.stats()
     assert stats.kv_blocks_total == 64 and stats.block_size == 4
     assert stats.prefix_hit_rate == pytest.approx(3 / 9)
@@ -170,7 +171,7 @@ async def test_higher_priority_is_admitted_first(make_engine):
     fake.step_time_s = 0.01
     running = asyncio.create_task(collect(engine, EngineRequest("busy", PROMPT,
                                                                 SamplingParams(max_tokens=20))))
-    await _until(lambda: fake.active_ids() == [1])
+    await eventually(lambda: fake.active_ids() == [1])
     order: list[str] = []
 
     async def record(name: str, priority: int) -> None:
@@ -208,7 +209,7 @@ async def test_full_queue_is_overloaded_and_rejections_are_unavailable(make_engi
     await running.__anext__()  # "a" holds the only batch slot
     queued = engine.generate(EngineRequest("b", PROMPT))
     waiting = asyncio.ensure_future(queued.__anext__())
-    await _until(lambda: len(fake.active_ids()) == 2)
+    await eventually(lambda: len(fake.active_ids()) == 2)
     with pytest.raises(Overloaded, match="Maximum queue size of 1"):
         await collect(engine, EngineRequest("c", PROMPT))
     waiting.cancel()
@@ -246,9 +247,4 @@ async def test_shutdown_aborts_running_requests_and_returns(make_engine):
         await collect(engine, EngineRequest("b", PROMPT))
 
 
-async def _until(condition, timeout_s: float = 5.0) -> None:
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.005)
 
-    await asyncio.wait_for(poll(), timeout_s)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm_service.engine.errors import InvalidRequest
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
 from llm_service.engine.trtllm.options import EngineLayout
 from llm_service.engine.trtllm.requests import (
-    build_prompt_table, build_request, executor_priority, media_extra_id)
-from llm_service.errors import InvalidRequest
+    build_prompt_table,
+    build_request,
+    executor_priority,
+    media_extra_id,
+)
 
 VOCAB, HIDDEN, PLACEHOLDER = 1000, 16, 7
 
@@ -84,13 +88,16 @@ def test_engine_without_prompt_table_refuses_media(make_engine_dir):
         build_prompt_table(prompt_with([span], 8), (span,), layout)
 
 
-def test_wrong_width_and_overlaps_are_refused(layout):
+def test_wrong_width_and_overlaps_are_refused(tle, layout):
+    # The span geometry check is the one both engines share (engine/validation.py).
     wide = EmbeddingSpan(0, torch.zeros(4, HIDDEN + 1), "sha256:w")
     with pytest.raises(InvalidRequest, match=f"expects \\[rows, {HIDDEN}\\]"):
-        build_prompt_table([PLACEHOLDER] * 8, (wide,), layout)
+        build_request(tle, EngineRequest("r", [PLACEHOLDER] * 8, spans=(wide,)), layout, 320,
+                      True, None)
     a, b = image(4, 0, "sha256:a", 0), image(4, 1, "sha256:b", 2)
     with pytest.raises(InvalidRequest, match="overlaps"):
-        build_prompt_table([PLACEHOLDER] * 8, (a, b), layout)
+        build_request(tle, EngineRequest("r", [PLACEHOLDER] * 8, spans=(a, b)), layout, 320,
+                      True, None)
 
 
 def test_greedy_sampling_maps_to_top_k_1(tle, layout):

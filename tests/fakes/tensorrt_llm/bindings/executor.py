@@ -260,6 +260,6 @@ if LEGACY:
     Request = _legacy.request_class(Request)
 
 if not NO_EXECUTOR:
-    from tensorrt_llm.bindings._runtime import Executor, instances  # noqa: F401
+    from tensorrt_llm.bindings._runtime import Executor, instances
 
 __all__ = [name for name in dir() if not name.startswith("_")]

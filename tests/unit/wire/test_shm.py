@@ -11,9 +11,15 @@ import torch
 
 from encoder_service.__main__ import parse_args
 from encoder_service.config import EncoderConfig
-from encoder_service.wire import (
-    ShmOffers, chunks_to_tensor, create_probe, dtype_to_pb, new_region_name,
-    read_region, remove_probe, remove_stale_regions, tensor_to_chunks, write_region,
+from mmserve.wire.chunks import chunks_to_tensor, dtype_to_pb, tensor_to_chunks
+from mmserve.wire.shm import (
+    ShmOffers,
+    create_probe,
+    new_region_name,
+    read_region,
+    remove_probe,
+    remove_stale_regions,
+    write_region,
 )
 from protos import encoder_pb2
 

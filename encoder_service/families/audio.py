@@ -15,7 +15,6 @@ so 1 s -> 27 rows, 10 s -> 252, 30 s and longer -> 752.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 
@@ -25,6 +24,8 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from encoder_service.errors import InvalidMedia
+from encoder_service.families import Preprocessed
+from encoder_service.families.imaging import content_hash
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
@@ -48,17 +49,11 @@ def audio_lengths(num_samples: int) -> AudioLengths:
 
 
 @dataclass(frozen=True, slots=True)
-class AudioFeatures:
+class AudioFeatures(Preprocessed):
+    """One (at most 30 s) window: num_tiles 1, num_tokens lengths.span."""
+
     mel: torch.Tensor  # [n_mels, 2 * after_cnn] float32 log-mel, truncated as the encoder reads it
     lengths: AudioLengths
-
-    @property
-    def num_tiles(self) -> int:
-        return 1  # one (at most 30 s) window
-
-    @property
-    def num_tokens(self) -> int:
-        return self.lengths.span
 
 
 def decode_audio(data: bytes, max_seconds: float) -> np.ndarray:
@@ -114,12 +109,12 @@ class AudioPreprocessor:
         lengths = audio_lengths(samples.shape[0])
         mel = self._extractor(samples[:MAX_SAMPLES], sampling_rate=SAMPLE_RATE,
                               return_tensors="np")["input_features"][0]
-        return AudioFeatures(torch.from_numpy(mel[:, :2 * lengths.after_cnn]).float(), lengths)
+        return AudioFeatures(num_tiles=1, num_tokens=lengths.span,
+                             mel=torch.from_numpy(mel[:, :2 * lengths.after_cnn]).float(),
+                             lengths=lengths)
 
     def content_hash(self, samples: np.ndarray) -> str:
         """sha256 (hex) of the 16 kHz samples and every parameter that shapes the output."""
-        params = (f"modality=audio;rate={SAMPLE_RATE};n_mels={self.n_mels};"
-                  f"max_samples={MAX_SAMPLES};")
-        digest = hashlib.sha256(params.encode())
-        digest.update(np.ascontiguousarray(samples, dtype=np.float32).tobytes())
-        return digest.hexdigest()
+        return content_hash(f"modality=audio;rate={SAMPLE_RATE};n_mels={self.n_mels};"
+                            f"max_samples={MAX_SAMPLES};",
+                            np.ascontiguousarray(samples, dtype=np.float32).tobytes())

@@ -7,8 +7,12 @@ import struct
 import pytest
 import torch
 
-from encoder_service.wire import (
-    chunks_to_tensor, dtype_from_pb, dtype_to_pb, tensor_to_chunks, torch_dtype,
+from mmserve.wire.chunks import (
+    chunks_to_tensor,
+    dtype_from_pb,
+    dtype_to_pb,
+    tensor_to_chunks,
+    torch_dtype,
 )
 from protos import common_pb2, encoder_pb2
 
