@@ -13,6 +13,7 @@ from llm_service.engine.cpu_tuning import keep_freed_memory
 from llm_service.engine.models.attention import AttentionMetadata, KVCache, PrefillRun
 from llm_service.engine.models.loader import load_model, read_spec
 from llm_service.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from llm_service.engine.protocol import TokenLogprob
 from llm_service.engine.sampler import Sampler
 from llm_service.engine.sequence import Sequence
 
@@ -115,12 +116,14 @@ class ModelRunner:
         rows = torch.tensor(inputs.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         tokens, logprobs = self.sampler(logits, inputs.sample_seqs)
-        ordered_logprobs = None if logprobs is None else [None] * len(step.scheduled)
         for k, index in enumerate(inputs.sample_index):
             token_ids[index] = tokens[k]
-            if logprobs is not None:
-                ordered_logprobs[index] = logprobs[k]
-        return RunnerOutput(token_ids, ordered_logprobs)
+        if logprobs is None:
+            return RunnerOutput(token_ids)
+        ordered: list[TokenLogprob | None] = [None] * len(step.scheduled)
+        for k, index in enumerate(inputs.sample_index):
+            ordered[index] = logprobs[k]
+        return RunnerOutput(token_ids, ordered)
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
         """Flat step inputs; rows are laid out decodes first, then one run per prompt chunk."""

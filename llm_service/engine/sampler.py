@@ -145,9 +145,11 @@ def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> None:
 def _logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, params) -> list[TokenLogprob | None]:
     chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
     k = max(p.logprobs or 0 for p in params)
-    top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
-    top_vals = top_vals.tolist() if k else None
-    top_ids = top_ids.tolist() if k else None
+    top_vals: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    if k:
+        values, ids = logprobs.topk(k, dim=-1)
+        top_vals, top_ids = values.tolist(), ids.tolist()
     result: list[TokenLogprob | None] = []
     for i, (p, token) in enumerate(zip(params, tokens.tolist())):
         if p.logprobs is None:

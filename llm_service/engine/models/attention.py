@@ -118,6 +118,7 @@ def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torc
     if meta.kernel:
         return torch.ops.mmserve.paged_decode(q, cache.k, cache.v, meta.decode_blocks,
                                               meta.decode_lens, head_dim ** -0.5)
+    assert meta.decode_blocks is not None, "decodes come with their block tables"
     num_kv_heads = cache.k.shape[2]
     blocks = meta.decode_blocks.flatten()
     keys = _gather(cache.k, blocks).view(n, -1, num_kv_heads, head_dim)[:, : meta.decode_len]

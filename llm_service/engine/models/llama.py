@@ -68,6 +68,8 @@ class Linear(nn.Linear):
     dropped then: the packed copy is all the layer reads.
     """
 
+    weight: nn.Parameter
+
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.requires_grad_(False)
@@ -185,6 +187,7 @@ class DecoderLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """[T, hidden] input embeddings -> [T, hidden] hidden states before the final norm.
         `embeds` becomes the residual stream: it is updated in place."""
+        assert self.rotary is not None, "setup_rotary() comes before the first step"
         rope = StepRope(positions, self.rotary)
         if not self.fused:
             rope.cos, rope.sin = self.rotary.lookup(positions)
