@@ -29,6 +29,9 @@ FINISH_REASONS: dict[int, FinishReason] = {
 # The request's media items as `mm://sha256:` handles, in order, comma-separated: a later turn
 # may send a handle in place of the item's bytes.
 MEDIA_HANDLES_HEADER = "X-Media-Handles"
+# The LLM service's own durations up to the first token (W3C Server-Timing, milliseconds):
+# encode (the media's Encode calls) and prefill (queueing and prefill in the engine).
+SERVER_TIMING_HEADER = "Server-Timing"
 
 
 @dataclass(slots=True)
@@ -58,6 +61,7 @@ class Generation:
         self._cached_tokens = 0
         self._completion_tokens = 0
         self.media_handles: list[str] = []  # one `mm://sha256:` handle per media item
+        self.server_timing = ""  # the Server-Timing header, from the first response
         self._watcher = asyncio.create_task(self._cancel_on_disconnect(receive))
 
     @classmethod
@@ -99,7 +103,10 @@ class Generation:
     @property
     def headers(self) -> dict[str, str]:
         """Response headers known once the call has started (the first response is in)."""
-        return {MEDIA_HANDLES_HEADER: ", ".join(self.media_handles)} if self.media_handles else {}
+        headers = {SERVER_TIMING_HEADER: self.server_timing} if self.server_timing else {}
+        if self.media_handles:
+            headers[MEDIA_HANDLES_HEADER] = ", ".join(self.media_handles)
+        return headers
 
     @property
     def usage(self) -> Usage:
@@ -129,6 +136,9 @@ class Generation:
     def _note(self, response: llm_pb2.GenerateResponse) -> None:
         if response.media_handles:
             self.media_handles = list(response.media_handles)
+        if response.HasField("timings"):
+            t = response.timings
+            self.server_timing = f"encode;dur={t.encode_ms:.1f}, prefill;dur={t.prefill_ms:.1f}"
         if self._record.ttft_s is None and (response.text or response.token_ids):
             self._record.ttft_s = time.perf_counter() - self._record.started
         if response.HasField("usage"):

@@ -68,6 +68,23 @@ class Chunk:
     usage: Usage | None = None
     logprobs: tuple[LogprobEntry, ...] = ()
     media_handles: tuple[str, ...] = ()  # on the first chunk: one handle per media item
+    timings: Timings | None = None  # on the first chunk
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    encode_ms: float  # the media's Encode calls (concurrent); 0 without media
+    prefill_ms: float  # engine submission -> first token: queueing and prefill
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request ready for the engine."""
+
+    token_ids: list[int]
+    spans: tuple[EmbeddingSpan, ...] = ()
+    handles: tuple[str, ...] = ()  # one per media item
+    encode_ms: float = 0.0
 
 
 @dataclass(slots=True)
@@ -91,7 +108,9 @@ class Generator:
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
         started = time.monotonic()
-        token_ids, spans, handles = await self._prepare(inp)
+        prepared = await self._prepare(inp)
+        token_ids, spans, handles = prepared.token_ids, prepared.spans, prepared.handles
+        submitted = time.monotonic()
         request = EngineRequest(
             request_id=inp.request_id,
             prompt_token_ids=token_ids,
@@ -105,6 +124,7 @@ class Generator:
             for _ in range(inp.sampling.n)
         ]
         first_token_at = None
+        first = True  # the first chunk carries the handles and timings
         outputs = self._engine.generate(request)
         try:
             async for out in outputs:
@@ -133,9 +153,13 @@ class Generator:
                 if finish is not None:
                     choice.done = True
                     usage = Usage(len(token_ids), choice.tokens, out.num_cached_tokens)
+                timings = None
+                if first:
+                    timings = Timings(prepared.encode_ms,
+                                      ((first_token_at or submitted) - submitted) * 1e3)
                 yield Chunk(out.index, text, list(new_ids), finish, usage,
-                            self._logprobs(entries), handles)
-                handles = ()
+                            self._logprobs(entries), handles if first else (), timings)
+                first = False
                 if all(c.done for c in choices):
                     break
         finally:
@@ -146,15 +170,14 @@ class Generator:
                       else round((first_token_at - started) * 1e3),
                       (time.monotonic() - started) * 1e3)
 
-    async def _prepare(self, inp: GenerateInput,
-                       ) -> tuple[list[int], tuple[EmbeddingSpan, ...], tuple[str, ...]]:
+    async def _prepare(self, inp: GenerateInput) -> Prepared:
         """Prompt token ids, embedding spans and the media items' handles."""
         if inp.messages is not None:
             return await self._prepare_chat(inp)
         if inp.prompt is not None:
             if not inp.prompt:
                 raise InvalidRequest("prompt must not be empty")
-            return self._tokenizer.encode(inp.prompt), (), ()
+            return Prepared(self._tokenizer.encode(inp.prompt))
         ids = list(inp.prompt_token_ids or [])
         if not ids:
             raise InvalidRequest("one of messages, prompt or prompt_token_ids is required")
@@ -163,10 +186,9 @@ class Generator:
         if bad:
             raise InvalidRequest(f"prompt_token_ids {bad[:5]} are outside the vocabulary "
                                  f"(size {vocab_size})")
-        return ids, (), ()
+        return Prepared(ids)
 
-    async def _prepare_chat(self, inp: GenerateInput,
-                            ) -> tuple[list[int], tuple[EmbeddingSpan, ...], tuple[str, ...]]:
+    async def _prepare_chat(self, inp: GenerateInput) -> Prepared:
         messages = inp.messages or []
         check_messages(messages)  # before spending encoder time
         media = [m for message in messages for m in message.media]
@@ -182,8 +204,10 @@ class Generator:
             raise InvalidRequest(f"this model does not accept {names} input")
         if media and self._encoder is None:
             raise InvalidRequest("this deployment has no encoder service; send text only")
+        encode_started = time.monotonic()
         encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
                    if self._encoder is not None and media else [])
+        encode_ms = (time.monotonic() - encode_started) * 1e3 if media else 0.0
         text = self._family.template.render(messages, encoded)
         slots = [item for items in encoded for item in items]
         prompt = self._family.builder.build(
@@ -193,7 +217,7 @@ class Generator:
                                     content_hash=slots[s.item].content_hash)
                       for s in prompt.slots)
         handles = tuple(h for part, items in zip(media, encoded) for h in _handles(part, items))
-        return prompt.token_ids, spans, handles
+        return Prepared(prompt.token_ids, spans, handles, encode_ms)
 
     def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> tuple[LogprobEntry, ...]:
         decode = self._tokenizer.decode

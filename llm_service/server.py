@@ -113,6 +113,9 @@ def chunk_to_pb(chunk: Chunk) -> llm_pb2.GenerateResponse:
         index=chunk.index, text=chunk.text, token_ids=chunk.token_ids,
         finish_reason=_FINISH[chunk.finish_reason], media_handles=chunk.media_handles,
     )
+    if chunk.timings is not None:
+        reply.timings.CopyFrom(llm_pb2.Timings(encode_ms=chunk.timings.encode_ms,
+                                               prefill_ms=chunk.timings.prefill_ms))
     if chunk.usage is not None:
         reply.usage.CopyFrom(llm_pb2.Usage(
             prompt_tokens=chunk.usage.prompt_tokens,

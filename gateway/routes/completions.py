@@ -43,7 +43,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                          else None)
         for index, choice in enumerate(choices)
     ])
-    return JSONResponse(completion.model_dump(mode="json"))
+    return JSONResponse(completion.model_dump(mode="json"), headers=generation.headers)
 
 
 async def _chunks(generation: Generation, body: CompletionRequest,

@@ -47,6 +47,27 @@ def test_image_chat_counts_embedding_slots(openai_client):
     assert with_image.usage.prompt_tokens - text_only.usage.prompt_tokens == 7 * 256
 
 
+def _server_timing(header: str) -> dict[str, float]:
+    parts = (part.strip().split(";dur=") for part in header.split(","))
+    return {name: float(ms) for name, ms in parts}
+
+
+def test_server_timing_says_where_the_time_to_the_first_token_went(openai_client):
+    image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(1000, 601))}}
+    question = {"type": "text", "text": "Describe the image."}
+    for stream in (False, True):
+        reply = openai_client.chat.completions.with_raw_response.create(
+            model=MODEL, temperature=0, max_tokens=2, stream=stream,
+            messages=[{"role": "user", "content": [image, question]}])
+        timing = _server_timing(reply.headers["server-timing"])
+        assert set(timing) == {"encode", "prefill"}
+        assert timing["encode"] > 0 and timing["prefill"] > 0
+    text = openai_client.completions.with_raw_response.create(
+        model=MODEL, prompt="Hello", max_tokens=2)
+    timing = _server_timing(text.headers["server-timing"])
+    assert timing["encode"] == 0 and timing["prefill"] > 0
+
+
 def test_media_handles_come_back_and_stand_in_for_the_image(openai_client):
     image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(640, 480))}}
     question = {"type": "text", "text": "Describe the image."}
