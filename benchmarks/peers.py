@@ -22,6 +22,13 @@ one reserved). mmserve runs `make run`'s stack with the same checkpoint, dtype a
     python -m benchmarks.peers                          # fp32 and bf16, c = 1 16 64 (~25 min)
     python -m benchmarks.peers --dtype bfloat16 --concurrency 16 --rounds 2
     python -m benchmarks.peers --image                  # + the image path (see --help)
+
+The image path (`--image`, or `--image-only`): chat requests with one distinct 1000x600 image
+and 64 output tokens. On the demo stack (InternVL2 tiling: 7 tiles, 1,792 rows) mmserve's own
+Server-Timing header splits each request's time to the first token into encode (the encoder
+calls) and prefill (queue + prefill in the engine). Then a tiny random LLaVA-1.6 checkpoint in
+the llava-hf layout (benchmarks/tiny_llava.py) is served by mmserve and by vLLM, if vLLM loads
+it (if not, the reason is printed).
 """
 
 from __future__ import annotations
@@ -122,20 +129,21 @@ class Server:
             self.proc.wait()
 
 
-def mmserve_stack(dtype: str, workdir: Path, config_overrides: dict | None = None) -> Server:
+def mmserve_stack(dtype: str, workdir: Path, config_overrides: dict | None = None,
+                  name: str = "smollm2") -> Server:
     from mmserve.modelconfig import DEFAULT_CONFIG
 
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     config["engine"].update(dtype=dtype, kv_cache_bytes=KV_CACHE_GIB * 1024**3)
     for section, values in (config_overrides or {}).items():
         config.setdefault(section, {}).update(values)
-    path = workdir / f"mmserve-{dtype}.yaml"
+    path = workdir / f"mmserve-{name}-{dtype}.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
     command = [sys.executable, "-m", "mmserve.run", "--config", str(path), "--port", str(port),
                "--llm-port", str(free_port()), "--encoder-port", str(free_port())]
     return Server("mmserve", command, {**os.environ, "PYTHONUNBUFFERED": "1"}, port,
-                  workdir / f"mmserve-{dtype}.log")
+                  workdir / f"mmserve-{name}-{dtype}.log")
 
 
 def vllm_venv(arg: str | None) -> Path:
@@ -144,7 +152,7 @@ def vllm_venv(arg: str | None) -> Path:
 
 
 def vllm_server(venv: Path, model_dir: Path, dtype: str, workdir: Path,
-                tuned: bool = True) -> Server:
+                tuned: bool = True, model_name: str = MODEL_NAME) -> Server:
     """vLLM as `vllm-cpu.sh serve` starts it (tuned), or with vLLM's CPU defaults."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
     if tuned:
@@ -155,9 +163,108 @@ def vllm_server(venv: Path, model_dir: Path, dtype: str, workdir: Path,
                    VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     port = free_port()
     command = [str(venv / "bin" / "vllm"), "serve", str(model_dir), "--served-model-name",
-               MODEL_NAME, "--dtype", dtype, "--max-model-len", "4096", "--port", str(port)]
+               model_name, "--dtype", dtype, "--max-model-len", "4096", "--port", str(port)]
     name = "vLLM" if tuned else "vLLM-defaults"
-    return Server(name, command, env, port, workdir / f"{name}-{dtype}.log")
+    return Server(name, command, env, port, workdir / f"{name}-{model_name}-{dtype}.log")
+
+
+# --- requests carrying an image --------------------------------------------------------------
+
+IMAGE_OUTPUT_LEN = 64
+
+
+def image_data_url(seed: int, width: int = 1000, height: int = 600) -> str:
+    """A distinct PNG per seed (noise), so no request hits another's cached embeddings."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_bodies(model: str, count: int, offset: int) -> list[dict]:
+    return [{"model": model, "max_tokens": IMAGE_OUTPUT_LEN, "temperature": 0.0,
+             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+             "messages": [{"role": "user", "content": [
+                 {"type": "image_url", "image_url": {"url": image_data_url(offset + i)}},
+                 {"type": "text", "text": "Describe the image."}]}]}
+            for i in range(count)]
+
+
+def measure_images(server: Server, model: str, levels: list[int], label: str) -> None:
+    """Image requests at each level; mmserve's own split of the time to the first token."""
+    warm = image_bodies(model, 2, 10_000)
+    asyncio.run(closed_loop(server.url, "/v1/chat/completions", warm, 1))
+    print(f"\n{label}: one 1000x600 image per request, {IMAGE_OUTPUT_LEN} output tokens")
+    print(f"{'c':>3} | {'system':<13} | {'tok/s':>7} | {'req/s':>6} | {'TTFT mean':>9} | "
+          f"{'encode ms':>9} | {'prefill ms':>10} | ok")
+    for c in levels:
+        bodies = image_bodies(model, 2 * c, 100 * c)
+        result = asyncio.run(closed_loop(server.url, "/v1/chat/completions", bodies, c))
+        print(f"{c:>3} | {server.name:<13} | {result.tokens_per_s:>7.1f} | "
+              f"{len(result.ok) / result.seconds:>6.2f} | {result.mean_ttft:>8.2f}s | "
+              f"{result.mean_server_timing('encode'):>9.0f} | "
+              f"{result.mean_server_timing('prefill'):>10.0f} | "
+              f"{len(result.ok)}/{len(result.timings)}", flush=True)
+
+
+def image_path(args, workdir: Path, venv: Path | None) -> None:
+    """The demo stack's InternVL2 tiling (1000x600: 7 tiles, 1,792 rows), then a tiny
+    LLaVA-1.6 checkpoint in the llava-hf layout on mmserve and, where it loads, on vLLM."""
+    from benchmarks import tiny_llava
+    from llm_service.weights import ensure_embedded_checkpoint
+
+    levels = args.image_concurrency
+    server = mmserve_stack("float32", workdir)
+    _with_server(server, lambda: measure_images(
+        server, MODEL_NAME, levels, "InternVL2 tiling (demo tower), fp32"))
+    llava_dir = tiny_llava.write(workdir / "tiny-llava", ensure_embedded_checkpoint())
+    config = tiny_llava.mmserve_config(llava_dir)
+    llava_name = config["model"]["name"]
+    server = mmserve_stack("float32", workdir, config, name="llava")
+    _with_server(server, lambda: measure_images(
+        server, llava_name, levels, "tiny LLaVA-1.6 (llava-hf layout), fp32"))
+    if venv is None:
+        return
+    peer = vllm_server(venv, llava_dir, "float32", workdir, model_name=llava_name)
+    try:
+        peer.start()
+    except RuntimeError:
+        print(f"vLLM cannot serve the LLaVA-1.6 checkpoint here: {startup_error(peer.log_path)}")
+        return
+    try:
+        measure_images(peer, llava_name, levels, "tiny LLaVA-1.6 (llava-hf layout), fp32")
+    finally:
+        peer.stop()
+
+
+def startup_error(log_path: Path) -> str:
+    """The root cause in a server's start-up log: a missing module if there is one, else
+    the last exception line."""
+    lines = [line.split("]", 1)[-1].strip() if "] " in line else line.strip()
+             for line in log_path.read_text(errors="replace").splitlines()]
+    for marker in ("ModuleNotFoundError:", "ImportError:"):
+        found = [i for i, line in enumerate(lines) if line.startswith(marker)]
+        if found:
+            files = [line.split('"')[1].split("site-packages/")[-1]
+                     for line in lines[:found[0]] if line.startswith('File "')]
+            via = " <- ".join(reversed(files[-3:]))
+            return lines[found[0]] + (f", imported by {via}" if via else "")
+    errors = [line for line in lines if "Error:" in line]
+    return errors[-1] if errors else f"see {log_path}"
+
+
+def _with_server(server: Server, run) -> None:
+    server.start()
+    try:
+        run()
+    finally:
+        server.stop()
 
 
 # --- the engine alone ------------------------------------------------------------------------
@@ -330,6 +437,11 @@ def main() -> None:
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--no-engine", dest="engine", action="store_false",
                         help="skip measuring TorchEngine alone")
+    parser.add_argument("--image", action="store_true",
+                        help="also the image path: InternVL2 tiling on the demo stack and a "
+                             "tiny LLaVA-1.6 on mmserve and vLLM")
+    parser.add_argument("--image-only", action="store_true", help="only the image path")
+    parser.add_argument("--image-concurrency", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     from llm_service.weights import ensure_embedded_checkpoint
 
@@ -343,8 +455,11 @@ def main() -> None:
           f"output tokens; {args.requests_per_client} requests per client; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mmserve-peers-") as tmp:
-        for dtype in args.dtype:
-            measure_dtype(args, dtype, model_dir, Path(tmp), venv)
+        if not args.image_only:
+            for dtype in args.dtype:
+                measure_dtype(args, dtype, model_dir, Path(tmp), venv)
+        if args.image or args.image_only:
+            image_path(args, Path(tmp), venv)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

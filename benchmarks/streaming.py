@@ -27,6 +27,7 @@ class Timing:
     ended: float = 0.0
     tokens: int = 0  # completion tokens (usage), or text chunks when the server sends none
     error: str | None = None
+    server_timing: dict[str, float] = field(default_factory=dict)  # Server-Timing, ms
 
     @property
     def ttft(self) -> float | None:
@@ -47,6 +48,7 @@ async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> Timing
     try:
         async with client.stream("POST", path, json=body) as response:
             timing.status = response.status_code
+            timing.server_timing = parse_server_timing(response.headers.get("server-timing", ""))
             if response.status_code != 200:
                 timing.error = (await response.aread()).decode(errors="replace")[:200]
                 return timing
@@ -97,10 +99,26 @@ class LoadResult:
     def p99_ttft(self) -> float:
         return percentile(self.ttfts(), 99)
 
+    def mean_server_timing(self, name: str) -> float:
+        values = [t.server_timing[name] for t in self.ok if name in t.server_timing]
+        return statistics.mean(values) if values else float("nan")
+
     @property
     def mean_itl(self) -> float:
         values = [t.itl for t in self.ok if t.itl is not None]
         return statistics.mean(values) if values else float("nan")
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`encode;dur=12.5, prefill;dur=40.1` -> {"encode": 12.5, "prefill": 40.1}."""
+    out = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                out[name] = float(value)
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:
