@@ -31,6 +31,7 @@ class EngineConfig:
     # Where the step loop runs: its own process (no GIL shared with the service's event loop)
     # or a thread of the service (no process start-up; tests).
     placement: str = "process"
+    warm_up: bool = True  # two short requests at start, so the first real one pays no set-up
     # CPU only. cpu_kernels: the C++ kernels (paged decode attention, fused norms, rope and
     # silu), built once and cached; "auto" falls back to plain torch ops when they cannot be
     # built here, "on" refuses to start without them, "off" never builds them.

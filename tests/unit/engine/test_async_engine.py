@@ -469,3 +469,14 @@ async def test_a_reader_that_falls_behind_gets_the_same_tokens_in_fewer_outputs(
     assert tokens(slow) == prompt_only
     assert len(slow) < 40 and max(len(o.new_token_ids) for o in slow) > 1
     assert slow[-1].num_output_tokens == 40 and slow[-1].finish_reason == FinishReason.LENGTH
+
+
+async def test_the_warm_up_at_start_leaves_nothing_behind(make_engine):
+    engine = await make_engine()
+    core = engine._core.core
+    assert core.config.warm_up and core.scheduler.requests == {}
+    stats = engine.stats()
+    assert (stats.kv_blocks_used, stats.running, stats.waiting, stats.num_preemptions) == (
+        0, 0, 0, 0)
+    assert stats.prefix_hit_rate == 0.0 and core.scheduler.num_queried_tokens == 0
+    assert len(tokens(await collect(engine, EngineRequest("a", [1, 2, 3], GREEDY)))) == 8
