@@ -65,8 +65,15 @@ class TorchEngine(EngineClient):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.create_future()
-        placement = CoreProcess if self.config.placement == "process" else CoreThread
-        self._core = placement(self.config, self._from_core)
+        if self.config.placement == "process":
+            # The engine's process owns the cores' compute; torch ops left here (embedding
+            # rows from the encoder) must not start a second OpenMP pool that competes with it.
+            import torch
+
+            torch.set_num_threads(1)
+            self._core = CoreProcess(self.config, self._from_core)
+        else:
+            self._core = CoreThread(self.config, self._from_core)
         try:
             info: Started = await self._started
         except Exception as exc:
