@@ -43,6 +43,7 @@ class EngineConfig:
     # bandwidth-bound and never keeps a copy.
     small_batch_linear: bool = True
     keep_freed_memory: bool = True  # glibc keeps freed memory for the next step's temporaries
+    cpu_threads: int | None = None  # the engine's torch threads on CPU; None: one per core
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -64,6 +65,8 @@ class EngineConfig:
             (self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}"),
             (self.placement in PLACEMENTS,
              f"placement must be one of {PLACEMENTS}, got {self.placement!r}"),
+            (self.cpu_threads is None or self.cpu_threads >= 1,
+             f"cpu_threads must be >= 1 or None, got {self.cpu_threads}"),
             (self.cpu_kernels in CPU_KERNELS,
              f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}"),
             (self.scheduling in SCHEDULING,

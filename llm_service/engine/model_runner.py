@@ -57,6 +57,8 @@ class ModelRunner:
             raise ValueError(f"max_model_len {max_len} exceeds the model's "
                              f"max_position_embeddings {spec.max_position_embeddings}")
         on_cpu = self.device.type == "cpu"
+        if on_cpu and config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         if on_cpu and config.keep_freed_memory and not keep_freed_memory():
             log.info("not glibc: freed memory goes back to the kernel (more page faults)")
         self.kernels = on_cpu and self._load_kernels(config.cpu_kernels)
