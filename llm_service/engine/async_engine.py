@@ -15,9 +15,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 
 from llm_service.engine.config import EngineConfig
-from llm_service.engine.engine_core import (
-    Abort, Add, CoreProcess, CoreThread, Failed, Finish, FromCore, Outputs, Rejected, Started,
-    Stop)
+from llm_service.engine.core_messages import (
+    Abort, Add, Failed, Finish, FromCore, Outputs, Rejected, Started, Stop)
+from llm_service.engine.core_placement import CoreProcess, CoreThread
 from llm_service.engine.errors import EngineDead, InvalidRequest, Overloaded
 from llm_service.engine.protocol import (
     EngineClient, EngineOutput, EngineRequest, EngineStats, FinishReason)

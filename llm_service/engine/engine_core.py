@@ -1,98 +1,24 @@
 """The torch engine's step loop (schedule -> execute -> update), driven by typed messages.
 
-It runs wherever `TorchEngine` places it: in a thread of the service, or in a process of its
-own. In its own process the loop never waits for the service's GIL: the event loop's
-per-token work (detokenizing, protobuf, gRPC) and the engine's Python between torch ops
-stop taking turns, as in vLLM's engine-core process. Both sides exchange the same messages;
-in a process they travel pickled through a pipe, tensors through shared memory.
+`core_placement` runs it in a thread of the service or in a process of its own; the loop is
+the same either way and sees only `core_messages`.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import queue
-import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from llm_service.engine.config import EngineConfig
+from llm_service.engine.core_messages import (
+    Add, Failed, Finish, FromCore, Outputs, Rejected, Started, Stop, ToCore)
 from llm_service.engine.errors import Overloaded
 from llm_service.engine.protocol import EngineOutput, EngineRequest, EngineStats
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3  # then the engine is considered broken, not the requests
-
-
-# --- messages to the core --------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Add:
-    request: EngineRequest
-
-
-@dataclass(frozen=True, slots=True)
-class Abort:
-    request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """Ends one choice with STOP (its caller matched a stop string) and frees its blocks."""
-
-    request_id: str
-    index: int
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    """Aborts whatever is left and ends the loop."""
-
-
-# --- messages from the core ------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    family: str
-    device: str
-    dtype: str
-    num_blocks: int
-    block_size: int
-    hidden_size: int
-    vocab_size: int
-    max_model_len: int
-
-
-@dataclass(frozen=True, slots=True)
-class Outputs:
-    """A step's outputs (or an abort's), with the state that produced them."""
-
-    outputs: list[EngineOutput]
-    stats: EngineStats
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A request the scheduler refused (its queue is full); it holds nothing."""
-
-    request_id: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """The core cannot go on (or could not start); every unfinished request fails."""
-
-    message: str
-    at_start: bool = False
-    kind: str = ""  # the exception's type, for start-up failures callers tell apart
-
-
-ToCore = Add | Abort | Finish | Stop
-FromCore = Started | Outputs | Rejected | Failed
 
 
 class EngineCore:
@@ -221,152 +147,3 @@ def serve_core(core_factory: Callable[[], EngineCore], receive, send) -> None:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-# --- in a process of its own -----------------------------------------------------------------
-
-def process_main(config: EngineConfig, conn, log_level: int) -> None:
-    """The engine process: the pipe is its whole world. A closed pipe (the service is gone)
-    ends it, and on Linux so does the service's death."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _die_with_parent()
-    import torch.multiprocessing  # noqa: F401  (tensors in messages travel by shared memory)
-
-    def receive(block: bool) -> list[ToCore]:
-        messages = []
-        try:
-            if block or conn.poll():
-                messages.append(conn.recv())
-            while conn.poll():
-                messages.append(conn.recv())
-        except (EOFError, OSError):
-            raise SystemExit(0) from None  # the service closed the pipe: it is gone
-        return messages
-
-    def send(message: FromCore) -> None:
-        try:
-            conn.send(message)
-        except (BrokenPipeError, EOFError, OSError):
-            raise SystemExit(0) from None  # nobody is listening any more
-
-    try:
-        serve_core(lambda: EngineCore(config), receive, send)
-    finally:
-        conn.close()
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-class CoreProcess:
-    """The parent's end of an engine process: send() from any thread; every message from
-    the core goes to `on_message` on a reader thread; EOF (the process died) becomes Failed."""
-
-    def __init__(self, config: EngineConfig, on_message: Callable[[FromCore], None]) -> None:
-        import torch.multiprocessing  # noqa: F401
-
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        self._conn = parent
-        self._on_message = on_message
-        self.process = context.Process(target=process_main, name="torch-engine",
-                                       args=(config, child, logging.getLogger().level),
-                                       daemon=True)
-        self.process.start()
-        child.close()
-        # A send blocks while the pipe is full (the core drains it between steps), so sends
-        # go through a thread of their own, never the caller's event loop.
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopping = False
-        self._writer = threading.Thread(target=self._write, name="torch-engine-writer",
-                                        daemon=True)
-        self._reader = threading.Thread(target=self._read, name="torch-engine-reader",
-                                        daemon=True)
-        self._writer.start()
-        self._reader.start()
-
-    def send(self, message: ToCore) -> None:
-        if isinstance(message, Stop):
-            self._stopping = True
-        self._outbox.put(message)
-
-    def _write(self) -> None:
-        while True:
-            message = self._outbox.get()
-            if message is None:
-                return
-            try:
-                self._conn.send(message)
-            except (OSError, EOFError, ValueError):
-                return  # the process is gone; the reader reports it
-
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                if not self._stopping:  # after Stop, the core closes its end: that is all
-                    self.process.join(5)
-                    self._on_message(Failed(f"the engine process exited (exit code "
-                                            f"{self.process.exitcode})"))
-                return
-            self._on_message(message)
-            if isinstance(message, Failed):
-                return
-
-    def join(self, timeout: float | None = None) -> None:
-        self._outbox.put(None)
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self._reader.join(timeout=5)
-        self._writer.join(timeout=5)
-        self._conn.close()
-
-    @property
-    def alive(self) -> bool:
-        return self.process.is_alive()
-
-
-class CoreThread:
-    """The same loop on a thread of this process (tests; no process start-up cost)."""
-
-    def __init__(self, config: EngineConfig, on_message: Callable[[FromCore], None]) -> None:
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.core: EngineCore | None = None
-
-        def build() -> EngineCore:
-            self.core = EngineCore(config)
-            return self.core
-
-        # The model loads in this thread too: every torch op of the engine then runs in one
-        # thread, so one OpenMP pool serves them (each extra pool makes all pools sleep
-        # between parallel regions instead of spinning).
-        self._thread = threading.Thread(target=serve_core, args=(build, self._receive, on_message),
-                                        name="torch-engine", daemon=True)
-        self._thread.start()
-
-    def send(self, message: ToCore) -> None:
-        self._inbox.put(message)
-
-    def _receive(self, block: bool) -> list[ToCore]:
-        messages = [self._inbox.get()] if block else []
-        while True:
-            try:
-                messages.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return messages
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
