@@ -51,8 +51,13 @@ class EngineCore:
         sched = self.scheduler
         vocab = self.runner.spec.vocab_size
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        # Prompt and output within the context, however short the configured one is.
+        room = self.runner.max_model_len - params.max_tokens
         for k in range(min(2, sched.max_waiting, sched.max_num_seqs)):
-            ids = [(7 + 13 * k + 31 * i) % vocab for i in range(32 + 16 * k)]
+            length = min(32 + 16 * k, room)
+            if length < 1:
+                break
+            ids = [(7 + 13 * k + 31 * i) % vocab for i in range(length)]
             sched.add(EngineRequest(f"warm-up-{k}", ids, params))
         while sched.has_work:
             self.step()

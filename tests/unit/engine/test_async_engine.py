@@ -482,3 +482,10 @@ async def test_the_warm_up_at_start_leaves_nothing_behind(make_engine):
         0, 0, 0, 0)
     assert stats.prefix_hit_rate == 0.0 and core.scheduler.num_queried_tokens == 0
     assert len(tokens(await collect(engine, EngineRequest("a", [1, 2, 3], GREEDY)))) == 8
+
+
+async def test_the_warm_up_fits_a_context_shorter_than_its_prompts(make_engine):
+    engine = await make_engine(max_model_len=20)
+    core = engine._core.core
+    assert core.scheduler.requests == {} and core.scheduler.block_manager.num_cached_free > 0
+    assert len(tokens(await collect(engine, EngineRequest("a", [1, 2, 3], GREEDY)))) == 8
