@@ -50,7 +50,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks.streaming import LoadResult, PeakRss, closed_loop
+from benchmarks.streaming import CpuTime, LoadResult, PeakRss, closed_loop
 
 PROMPT_LEN = 128
 OUTPUT_LEN = 128
@@ -96,6 +96,9 @@ class Server:
     start_timeout: float = 900.0
     proc: subprocess.Popen | None = None
     peak_rss: int = 0
+    # CPU seconds per process during the top level's runs, and those runs' wall seconds.
+    cpu: dict[str, float] = field(default_factory=dict)
+    cpu_wall: float = 0.0
 
     @property
     def url(self) -> str:
@@ -340,9 +343,12 @@ class Level:
 def run_load(server: Server, bodies: list[dict], concurrency: int, sample_rss: bool) -> LoadResult:
     if not sample_rss:
         return asyncio.run(closed_loop(server.url, "/v1/completions", bodies, concurrency))
-    with PeakRss(server.proc.pid) as peak:
+    with PeakRss(server.proc.pid) as peak, CpuTime(server.proc.pid) as cpu:
         result = asyncio.run(closed_loop(server.url, "/v1/completions", bodies, concurrency))
     server.peak_rss = max(server.peak_rss, peak.peak)
+    for name, seconds in cpu.by_process.items():
+        server.cpu[name] = server.cpu.get(name, 0.0) + seconds
+    server.cpu_wall += result.seconds
     return result
 
 
@@ -422,6 +428,11 @@ def print_table(label: str, table: dict[int, Level], engine: dict, names: list[s
         if server.peak_rss:
             print(f"peak RSS during c={max(table)}: {server.name} "
                   f"{server.peak_rss / 2**20:.0f} MiB (the whole process tree)")
+        if server.cpu_wall:
+            shares = ", ".join(f"{name} {seconds / server.cpu_wall:.2f}" for name, seconds
+                               in sorted(server.cpu.items(), key=lambda kv: -kv[1])
+                               if seconds / server.cpu_wall >= 0.01)
+            print(f"cores busy during c={max(table)}: {server.name}: {shares}")
 
 
 def main() -> None:

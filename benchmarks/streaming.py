@@ -147,27 +147,82 @@ async def closed_loop(base_url: str, path: str, bodies: list[dict], concurrency:
     return LoadResult(timings, seconds)
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Resident memory of a process and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+def _proc_stats() -> dict[int, list[str]]:
+    """Every process's /proc/<pid>/stat fields after the command name."""
+    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        pid = int(entry)
+    return stats
+
+
+def _tree(root: int, stats: dict[int, list[str]]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
         children.setdefault(int(fields[1]), []).append(pid)
-        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    total, todo = 0, [root]
+    tree, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        tree.append(pid)
         todo.extend(children.get(pid, ()))
-    return total
+    return tree
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    stats = _proc_stats()
+    page = os.sysconf("SC_PAGE_SIZE")
+    return sum(int(stats[pid][21]) * page for pid in _tree(root, stats) if pid in stats)
+
+
+def process_label(pid: int) -> str:
+    """A short name for a process: the module after `-m`, the command after `serve`-style
+    launchers, or the command name (what setproctitle shows, e.g. vLLM's engine core)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return "?"
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    if any("multiprocessing" in a for a in argv):
+        return f"{comm} (child)"
+    return os.path.basename(argv[0]) + (f" {argv[1]}" if len(argv) > 1 else "") \
+        if comm in ("python", "python3") and argv else comm
+
+
+def tree_cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
+    """CPU time (user + system) so far of a process and its descendants, by pid."""
+    stats = _proc_stats()
+    tick = os.sysconf("SC_CLK_TCK")
+    return {pid: (process_label(pid), (int(stats[pid][11]) + int(stats[pid][12])) / tick)
+            for pid in _tree(root, stats) if pid in stats}
+
+
+@dataclass
+class CpuTime:
+    """CPU seconds each process of a tree spent inside the block: `with CpuTime(pid) as t:`;
+    `t.by_process` maps a label (see `process_label`) to seconds."""
+
+    root: int
+    by_process: dict[str, float] = field(default_factory=dict)
+    _before: dict[int, tuple[str, float]] = field(default_factory=dict)
+
+    def __enter__(self) -> CpuTime:
+        self._before = tree_cpu_seconds(self.root)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pid, (label, seconds) in tree_cpu_seconds(self.root).items():
+            spent = seconds - self._before.get(pid, (label, 0.0))[1]
+            self.by_process[label] = self.by_process.get(label, 0.0) + spent
 
 
 @dataclass
