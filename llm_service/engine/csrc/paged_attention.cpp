@@ -2,10 +2,10 @@
 //
 // One query row per sequence: each sequence attends to its first context_lens[s] cached
 // tokens, found through its row of block_tables. A task is one KV head of one sequence: the
-// query heads sharing it run one after the other over the same rows, which the first has
-// brought into cache. Plain C++ with
-// `omp simd` loops: the compiler vectorizes them for the machine it is built on (AVX-512,
-// AVX2, NEON), in fp32 and bf16 (accumulation in fp32).
+// query heads sharing it score the same key rows one after the other (the first brings them
+// into cache), then (bf16) read each value row once for up to four heads. AVX-512 where the build
+// machine has it (bf16 keys scored with AVX-512 BF16 dot products where it has those), else
+// `omp simd` loops the compiler vectorizes (AVX2, NEON); fp32 and bf16, accumulation in fp32.
 //
 // Registered as torch.ops.mmserve.paged_decode.
 
@@ -23,6 +23,7 @@
 #endif
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -69,6 +70,54 @@ inline __m512 sum16(__m512 (&v)[16]) {
                                    _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
   return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// Scores of one bf16 query head over the context with bf16 dot-product instructions
+// (vdpbf16ps: 32 products per instruction, summed in fp32): the head's unscaled bf16 row
+// against the cached keys, then `scale`. Returns their maximum.
+template <int D>
+float head_scores_bf16(const c10::BFloat16* q, float scale, const c10::BFloat16* k_cache,
+                       const int32_t* table, int64_t context_len, int64_t block_size,
+                       int64_t kv_stride, float* scores) {
+  static_assert(D % 32 == 0, "32 bf16 values per vector");
+  constexpr int W = D / 32;
+  __m512bh qv[W];
+  for (int i = 0; i < W; ++i) qv[i] = (__m512bh)_mm512_loadu_si512(q + 32 * i);
+  auto dot = [&](const c10::BFloat16* k) {
+    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(k));
+    for (int i = 1; i < W; ++i) a = _mm512_dpbf16_ps(a, qv[i], (__m512bh)_mm512_loadu_si512(k + 32 * i));
+    return a;
+  };
+  const int64_t num_blocks = (context_len + block_size - 1) / block_size;
+  const __m512 sc = _mm512_set1_ps(scale);
+  const c10::BFloat16* rows[16];
+  __m512 lanes[16];
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t t = 0, filled = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const c10::BFloat16* k = k_cache + static_cast<int64_t>(table[b]) * block_size * kv_stride;
+    const int64_t end = std::min(block_size, context_len - b * block_size);
+    for (int64_t o = 0; o < end; ++o, k += kv_stride) {
+      rows[filled++] = k;
+      if (filled == 16) {
+        for (int i = 0; i < 16; ++i) lanes[i] = dot(rows[i]);
+        const __m512 sums = _mm512_mul_ps(sum16(lanes), sc);
+        _mm512_storeu_ps(scores + t, sums);
+        best = _mm512_max_ps(best, sums);
+        t += 16;
+        filled = 0;
+      }
+    }
+  }
+  float top = _mm512_reduce_max_ps(best);
+  for (int i = 0; i < filled; ++i, ++t) {
+    const float x = _mm512_reduce_add_ps(dot(rows[i])) * scale;
+    scores[t] = x;
+    top = x > top ? x : top;
+  }
+  return top;
 }
 #endif
 
@@ -176,6 +225,38 @@ void head_values(const float* p, const T* v_cache, const int32_t* table, int64_t
   for (int64_t d = 0; d < head_dim; ++d) store(out + d, acc[d] * inv);
 }
 
+#if defined(__AVX512F__)
+// sum_t p_g[t] * v[t] for G query heads at once (p_g = p + g * p_stride), each scaled by
+// inv[g], into out + g * D: every cached value row is loaded and widened once for all G.
+template <typename T, int D, int G>
+void group_values(const float* p, int64_t p_stride, const T* v_cache, const int32_t* table,
+                  int64_t context_len, int64_t block_size, int64_t kv_stride, const float* inv,
+                  T* out, float* acc_out) {
+  constexpr int V = D / 16;
+  __m512 acc[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
+  const int64_t num_blocks = (context_len + block_size - 1) / block_size;
+  for (int64_t blk = 0, t = 0; blk < num_blocks; ++blk) {
+    const T* v = v_cache + static_cast<int64_t>(table[blk]) * block_size * kv_stride;
+    const int64_t end = std::min(block_size, context_len - blk * block_size);
+    for (int64_t o = 0; o < end; ++o, ++t, v += kv_stride) {
+      __m512 row[V];
+      for (int i = 0; i < V; ++i) row[i] = load16(v + 16 * i);
+      for (int g = 0; g < G; ++g) {
+        const __m512 pg = _mm512_set1_ps(p[g * p_stride + t]);
+        for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(pg, row[i], acc[g][i]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512 scale = _mm512_set1_ps(inv[g]);
+    for (int i = 0; i < V; ++i) _mm512_storeu_ps(acc_out + 16 * i, _mm512_mul_ps(acc[g][i], scale));
+    for (int64_t d = 0; d < D; ++d) store(out + g * D + d, acc_out[d]);
+  }
+}
+#endif
+
 // One KV head of one sequence: its `group` query heads against its context_len cached keys.
 // D is the head dim when known at compile time (0: runtime head_dim).
 template <typename T, int D>
@@ -184,6 +265,54 @@ void decode_kv_head(const T* q, int64_t q_head_stride,  // the first query head 
                     int64_t context_len, int64_t block_size, int64_t kv_stride, int64_t group,
                     int64_t runtime_head_dim, float scale, T* out, std::vector<float>& scratch) {
   const int64_t head_dim = D ? D : runtime_head_dim;
+#if defined(__AVX512F__)
+  // bf16 only: there every value row is widened to fp32, once per row instead of once per
+  // head; fp32 rows gain nothing from it (measured no faster).
+  if constexpr (D > 0 && D % 16 == 0 && std::is_same_v<T, c10::BFloat16>) {
+    // Every head's probabilities first, then one pass over the values for up to 4 heads.
+    scratch.resize(D + group * (context_len + 1));
+    float* acc = scratch.data();
+    float* inv = acc + D;
+    float* probs = inv + group;
+    for (int64_t g = 0; g < group; ++g) {
+      const T* qg = q + g * q_head_stride;
+      float* scores = probs + g * context_len;
+      float top;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16> && D % 32 == 0) {
+        top = head_scores_bf16<D>(qg, scale, k_cache, table, context_len, block_size, kv_stride,
+                                  scores);
+      } else
+#endif
+      {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] = to_float(qg[d]) * scale;
+        top = head_scores<T, D>(acc, k_cache, table, context_len, block_size, kv_stride, D,
+                                scores);
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < context_len; ++t) {
+        scores[t] = exp_nonpositive(scores[t] - top);
+        sum += scores[t];
+      }
+      inv[g] = 1.0f / sum;
+    }
+    for (int64_t g = 0; g < group;) {
+      const int64_t n = std::min<int64_t>(group - g, 4);
+      const float* pg = probs + g * context_len;
+      T* og = out + g * D;
+      switch (n) {
+        case 4: group_values<T, D, 4>(pg, context_len, v_cache, table, context_len, block_size, kv_stride, inv + g, og, acc); break;
+        case 3: group_values<T, D, 3>(pg, context_len, v_cache, table, context_len, block_size, kv_stride, inv + g, og, acc); break;
+        case 2: group_values<T, D, 2>(pg, context_len, v_cache, table, context_len, block_size, kv_stride, inv + g, og, acc); break;
+        default: group_values<T, D, 1>(pg, context_len, v_cache, table, context_len, block_size, kv_stride, inv + g, og, acc); break;
+      }
+      g += n;
+    }
+    return;
+  }
+#endif
   scratch.resize(head_dim * 2 + context_len);
   float* qf = scratch.data();      // one query head, pre-scaled
   float* acc = qf + head_dim;      // its output before rounding to T

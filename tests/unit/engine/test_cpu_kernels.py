@@ -43,7 +43,7 @@ def _reference_decode(q, cache: LayerCache, tables, lengths):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [1, 4, 16, 32])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 1, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 1, 128), (14, 2, 64)])
 def test_paged_decode_matches_plain_torch(dtype, block_size, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(block_size * 131 + heads)
     num_blocks = 200 // block_size + 40
