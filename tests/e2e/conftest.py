@@ -7,6 +7,18 @@ import pytest
 from e2e_stack import Stack, start_stack, stop
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the end of the log of every stack it used: a 500 or a
+    timeout in CI is then explained by the services' own lines."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Stack):
+                report.sections.append((f"stack log ({name})", value.log_tail(6000)))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that stop the shared stack run after every other test."""
     items.sort(key=lambda item: item.get_closest_marker("stops_stack") is not None)
