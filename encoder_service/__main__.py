@@ -71,6 +71,9 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--chunk-bytes", "chunk_bytes", int, "embedding bytes per response message (< 4 MiB)"),
     ("--shm-dir", "shm_dir", str, "tmpfs directory for same-host embedding transfer to "
      "callers that prove they share it (default: /dev/shm when it exists; empty: off)"),
+    ("--shm-quota-bytes", "shm_quota_bytes", int, "region bytes written and not yet read "
+     "by callers; over it, rows go in-band"),
+    ("--shm-stale-s", "shm_stale_s", float, "seconds after which an unread region is removed"),
     ("--cache-capacity-bytes", "cache_capacity_bytes", int, "content store size"),
     ("--metrics-port", "metrics_port", int, "serve Prometheus /metrics over HTTP on this port "
      "(queue depth, requests, tower calls; default: off)"),

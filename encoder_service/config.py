@@ -71,6 +71,9 @@ class EncoderConfig:
     # Directory for same-host embedding files offered by callers that can prove they see it.
     # None: DEFAULT_SHM_DIR when it exists; empty: rows always go in-band.
     shm_dir: str | None = None
+    # Region bytes written and not yet taken by the caller; over it, rows go in-band.
+    shm_quota_bytes: int = 256 * MIB
+    shm_stale_s: float = 10.0  # unread regions older than this are removed
     cache_capacity_bytes: int = 512 * MIB  # decoded images + embeddings kept for reuse
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any free port
     shutdown_grace_s: float = 5.0
@@ -139,6 +142,9 @@ class EncoderConfig:
              f"(below the 4 MiB gRPC message limit), got {self.chunk_bytes}"),
             (not self.shm_dir or Path(self.shm_dir).is_dir(),
              f"shm_dir must be an existing directory or empty, got {self.shm_dir!r}"),
+            (self.shm_quota_bytes >= 0,
+             f"shm_quota_bytes must be >= 0, got {self.shm_quota_bytes}"),
+            (self.shm_stale_s > 0, f"shm_stale_s must be > 0, got {self.shm_stale_s}"),
             (self.metrics_port is None or 0 <= self.metrics_port <= 65535,
              f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
             (self.cache_capacity_bytes >= 0,
