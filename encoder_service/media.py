@@ -12,7 +12,7 @@ import base64
 import binascii
 import io
 import warnings
-from pathlib import Path
+from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +21,7 @@ from encoder_service.cache import ContentStore
 from encoder_service.config import EncoderConfig
 from encoder_service.errors import InvalidMedia, MediaForbidden, MediaNotFound
 from encoder_service.fetcher import HttpFetcher
+from encoder_service.local_files import LocalFiles
 from mmserve.wire.media import MediaRef, Modality, parse_handle
 
 # Formats whose decoders are plain pixel codecs; others (EPS runs Ghostscript, ...)
@@ -38,8 +39,8 @@ class MediaResolver:
         self._config = config
         self._store = store
         self._fetcher = fetcher or HttpFetcher(config)
-        self._local_root = (Path(config.allowed_local_media_path).resolve()
-                            if config.allowed_local_media_path else None)
+        self._local_files = (LocalFiles(config.allowed_local_media_path)
+                             if config.allowed_local_media_path else None)
         # Pillow's bomb limit is process-wide. Ours is checked per image before any
         # pixel is decoded; Pillow's, set to the same value, is the second line (it
         # raises DecompressionBombError from Image.open beyond twice the limit, and
@@ -129,24 +130,16 @@ class MediaResolver:
         return data
 
     def _read_file(self, url: str) -> bytes:
-        if self._local_root is None:
+        if self._local_files is None:
             raise MediaForbidden("file:// URLs are off on this encoder; send the image "
                                  "bytes inline or as a data: URL")
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise InvalidMedia(f"file:// URL with host {parts.netloc!r}; only local files "
                                f"(file:///path) are supported")
-        # resolve() removes `..` and follows symlinks, so the containment check below
-        # sees where the file really is.
-        path = Path(unquote(parts.path)).resolve()
-        if not path.is_relative_to(self._local_root):
-            raise MediaForbidden(f"file:// URLs must point inside {self._local_root}; "
-                                 f"{unquote(parts.path)!r} is outside it")
-        if not path.is_file():
-            raise MediaNotFound(f"no such file: {unquote(parts.path)!r}")
-        with path.open("rb") as handle:
-            data = handle.read(self._config.max_media_bytes + 1)
-        return self._check_size(data, f"file {path.name!r}")
+        path = unquote(parts.path)
+        data = self._local_files.read(path, self._config.max_media_bytes)
+        return self._check_size(data, f"file {PurePosixPath(path).name!r}")
 
 
 def _article(kind: str) -> str:
