@@ -49,6 +49,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
      "preprocessing and hidden size"),
     ("--device", "device", str, "torch device of the torch tower: cpu, cuda, cuda:N"),
     ("--video-frames", "video_frames", int, "frames sampled from a video by default"),
+    ("--max-video-scanned-frames", "max_video_scanned_frames", int, "longest video in "
+     "frames (counted from packets before any frame is decoded)"),
     ("--dtype", "dtype", str, f"embedding dtype on the wire: {', '.join(DTYPES)}"),
     ("--seed", "seed", int, "seed of the demo tower's random weights"),
     ("--max-batch-tiles", "max_batch_tiles", int, "tiles per tower call across requests"),

@@ -51,6 +51,8 @@ class EncoderConfig:
     tensorrt_engine: str | None = None  # tower tensorrt: the serialized vision engine
     device: str = "cpu"  # torch device of the torch tower: cpu, cuda, cuda:N
     video_frames: int = 8  # frames sampled from a video when the request says 0
+    # Frames counted (from packets, not decoded) before a video is refused: 1 h at 30 fps.
+    max_video_scanned_frames: int = 108_000
     dtype: str = "float32"  # dtype of the embedding rows sent to the LLM
     seed: int = 0  # seeds the demo tower's random weights
     max_batch_tiles: int = 32  # tiles per tower call, across concurrent requests
@@ -112,6 +114,8 @@ class EncoderConfig:
              f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
             (1 <= self.video_frames <= MAX_VIDEO_FRAMES,
              f"video_frames must be in [1, {MAX_VIDEO_FRAMES}], got {self.video_frames}"),
+            (self.max_video_scanned_frames >= 1,
+             f"max_video_scanned_frames must be >= 1, got {self.max_video_scanned_frames}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (self.max_batch_tiles >= 1,
              f"max_batch_tiles must be >= 1, got {self.max_batch_tiles}"),

@@ -165,7 +165,8 @@ class Encoder:
                                  f"{MAX_VIDEO_FRAMES}; send 0 for the default")
         data = await self.resolver.load_video_bytes(item.ref)
         frames = await asyncio.to_thread(sample_frames, data, num_frames,
-                                         self.config.max_image_pixels)
+                                         self.config.max_image_pixels,
+                                         self.config.max_video_scanned_frames)
         key = await asyncio.to_thread(content_hash, VIDEO_KEY, data)
         if key not in self.store:
             self.store.put(key, StoredItem(data, None, 0, kind=Modality.VIDEO))
