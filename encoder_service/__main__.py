@@ -57,6 +57,12 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--max-media-bytes", "max_media_bytes", int, "largest encoded media item"),
     ("--max-image-pixels", "max_image_pixels", int, "largest image (width x height)"),
     ("--max-items-per-request", "max_items_per_request", int, "media items per Encode call"),
+    ("--max-request-pixels", "max_request_pixels", int, "pixels of all images in one "
+     "request, checked from headers before decoding (0: off)"),
+    ("--max-request-rows", "max_request_rows", int, "embedding rows of all media in one "
+     "request, planned before decoding (0: off; the LLM checks its context anyway)"),
+    ("--max-decoded-bytes", "max_decoded_bytes", int, "memory for decoded images in flight "
+     "across requests; past it, requests get RESOURCE_EXHAUSTED (429) (0: off)"),
     ("--max-audio-seconds", "max_audio_seconds", float, "longest audio item accepted "
      "(Megrez encodes the first 30 s)"),
     ("--allow-http", "allow_http", _bool, "fetch http(s) URLs at all"),

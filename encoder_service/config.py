@@ -59,6 +59,11 @@ class EncoderConfig:
     max_media_bytes: int = 20 * MIB
     max_image_pixels: int = 40_000_000  # checked from the header, before decoding
     max_items_per_request: int = 16
+    # Budgets a request's media are planned against (from headers, before decoding); 0: off.
+    max_request_pixels: int = 160_000_000
+    max_request_rows: int = 0
+    # Decoded pixels (and tower input) in flight across requests; past it, 429. 0: off.
+    max_decoded_bytes: int = 2048 * MIB
     # Longer audio items are refused; Megrez encodes the first 30 s of what it accepts.
     max_audio_seconds: float = 30.0
     allow_http: bool = True  # fetch http:// and https:// URLs at all
@@ -125,6 +130,12 @@ class EncoderConfig:
              f"max_image_pixels must be > 0, got {self.max_image_pixels}"),
             (self.max_items_per_request >= 1,
              f"max_items_per_request must be >= 1, got {self.max_items_per_request}"),
+            (self.max_request_pixels >= 0,
+             f"max_request_pixels must be >= 0, got {self.max_request_pixels}"),
+            (self.max_request_rows >= 0,
+             f"max_request_rows must be >= 0, got {self.max_request_rows}"),
+            (self.max_decoded_bytes >= 0,
+             f"max_decoded_bytes must be >= 0, got {self.max_decoded_bytes}"),
             (0 < self.max_audio_seconds <= 3600,
              f"max_audio_seconds must be in (0, 3600], got {self.max_audio_seconds}"),
             (all(self.allowed_domains),

@@ -105,6 +105,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             yield encoder_pb2.EncodeResponse(item_index=index, chunk=chunk)
 
     @rpc
+    async def Plan(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext,
+                   call: Call) -> encoder_pb2.PlanResponse:
+        encoder = self.encoder
+        if encoder is None:
+            raise Unavailable("the encoder is still loading its tower; retry shortly")
+        estimates = await encoder.plan_all(items_from_pb(request))
+        call.fields.update(items=len(estimates), rows=sum(e.num_tokens for e in estimates))
+        return encoder_pb2.PlanResponse(items=[
+            encoder_pb2.ItemPlan(num_tokens=e.num_tokens, num_tiles=e.num_tiles, pixels=e.pixels)
+            for e in estimates])
+
+    @rpc
     async def GetModelInfo(self, request: encoder_pb2.EncoderInfoRequest,
                            context: grpc.aio.ServicerContext,
                            call: Call) -> encoder_pb2.EncoderInfo:
