@@ -166,11 +166,20 @@ _ORIENTATION_TAG = 0x0112
 
 
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    """The size after EXIF orientation is applied, from the header."""
-    try:
-        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-    except (OSError, ValueError, SyntaxError):
-        orientation = 1
+    """The size after EXIF orientation is applied, from the header.
+
+    The EXIF block read at open (JPEG, WebP, a PNG's eXIf before its pixels) is parsed
+    directly: `getexif()` on a PNG would decode the whole image to look further.
+    """
+    raw = image.info.get("exif")
+    orientation = 1
+    if isinstance(raw, bytes):
+        exif = Image.Exif()
+        try:
+            exif.load(raw)
+            orientation = exif.get(_ORIENTATION_TAG, 1)
+        except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+            orientation = 1
     return (image.height, image.width) if orientation in _QUARTER_TURNS else image.size
 
 

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from encoder_service.config import FAMILIES, EncoderConfig
 from encoder_service.encoder import Encoder
@@ -49,6 +49,7 @@ async def test_a_plan_reads_headers_only(encoder, monkeypatch):
         raise AssertionError("planning decoded an image")
 
     monkeypatch.setattr(encoder.resolver, "decode", no_decoding)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)  # EXIF lookups included
     plans = await encoder.plan_all([image(png(900, 448)), image(png(448, 448)),
                                     MediaItem(MediaRef(data=b"x"), Modality.VIDEO,
                                               num_frames=3)])
