@@ -24,6 +24,9 @@ from PIL import Image
 from encoder_service.errors import InvalidMedia, InvalidRequest
 
 MAX_SCANNED_FRAMES = 108_000  # EncoderConfig.max_video_scanned_frames' default
+# Demuxers of video containers. FFmpeg also opens a still image (png_pipe, image2, ...)
+# or a GIF as a "video"; those are images and belong in image parts.
+VIDEO_CONTAINERS = frozenset({"mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg"})
 
 
 def get_index(max_frame: int, num_segments: int, fps: float | None = None,
@@ -84,6 +87,10 @@ def sample_frames_counted(data: bytes, num_segments: int, max_pixels: int = 40_0
     with _open(data) as container:
         if not container.streams.video:
             raise InvalidMedia("media has no video stream")
+        if VIDEO_CONTAINERS.isdisjoint(container.format.name.split(",")):
+            raise InvalidMedia(f"media is a {container.format.name} file, not a video "
+                               f"(mp4, webm, mkv, avi, mpeg-ts); send an image as an "
+                               f"image_url part")
         stream = container.streams.video[0]
         if stream.width * stream.height > max_pixels:
             raise InvalidMedia(f"video frames are {stream.width}x{stream.height}; the limit is "

@@ -193,3 +193,14 @@ def test_a_video_over_the_scan_limit_is_refused():
     data = make_long_video(120, gop=30)
     with pytest.raises(InvalidMedia, match="more than 100 frames"):
         sample_frames(data, 4, max_scanned=100)
+
+
+@pytest.mark.parametrize("kind", ["PNG", "GIF", "JPEG"])
+def test_an_image_sent_as_a_video_is_refused(kind):
+    pytest.importorskip("av")
+    buffer = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format=kind)
+    with pytest.raises(InvalidMedia, match="not a video .*send an image as an image_url part"):
+        sample_frames(buffer.getvalue(), 4)
