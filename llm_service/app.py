@@ -77,7 +77,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         generator = Generator(engine, tokenizer, family, encoder, config.max_media_items)
         info = dict(model_id=config.model_name, family=config.family,
                     max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
-                    hidden_size=engine.hidden_size, engine=config.engine_kind)
+                    hidden_size=engine.hidden_size, engine=config.engine_kind,
+                    max_num_seqs=engine.max_num_seqs)
         server = build_server(LLMServicer(generator, engine, info))
         port = await server.start(config.host, config.port, server_creds)
         watcher = asyncio.create_task(watch_health(engine, server))

@@ -263,3 +263,15 @@ async def test_a_surrogate_pair_is_fine(client, fake_llm) -> None:
         content=b'{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}')
     assert response.status_code == 200
     assert fake_llm.requests[0].messages.messages[0].content[0].text == "smile \U0001f600"
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+async def test_n_beyond_the_engines_limit_is_refused_at_the_edge(client, fake_llm, route) -> None:
+    body = CHAT if route == "/v1/chat/completions" else {"prompt": "hi"}
+    response = await client.post(route, json={**body, "n": 65})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "n" and "max_num_seqs=64" in error["message"]
+    assert fake_llm.requests == []  # nothing reached the LLM service
+    response = await client.post(route, json={**body, "n": 64, "max_tokens": 1})
+    assert response.status_code == 200
