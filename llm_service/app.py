@@ -15,6 +15,7 @@ from llm_service.engine.protocol import EngineClient
 from llm_service.errors import ServiceError
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
+from llm_service.readiness import watch_encoder
 from llm_service.server import LLMServicer, build_server, watch_health
 from llm_service.tokenizer import load_tokenizer
 from llm_service.weights import resolve_checkpoint
@@ -82,6 +83,9 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         server = build_server(LLMServicer(generator, engine, info))
         port = await server.start(config.host, config.port, server_creds)
         watcher = asyncio.create_task(watch_health(engine, server))
+        encoder_watch = (asyncio.create_task(watch_encoder(config.encoder_address,
+                                                           encoder_creds, server))
+                         if config.encoder_address else None)
         log.info("LLM service listening on %s:%d (%s, started in %.1f s)", config.host, port,
                  config.model_name, time.monotonic() - started)
         if ready is not None:
@@ -90,6 +94,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         await stop.wait()
         log.info("shutting down")
         watcher.cancel()
+        if encoder_watch is not None:
+            encoder_watch.cancel()
         await server.stop(config.grace_s)
     finally:
         await engine.shutdown()

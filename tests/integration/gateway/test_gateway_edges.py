@@ -275,3 +275,15 @@ async def test_n_beyond_the_engines_limit_is_refused_at_the_edge(client, fake_ll
     assert fake_llm.requests == []  # nothing reached the LLM service
     response = await client.post(route, json={**body, "n": 64, "max_tokens": 1})
     assert response.status_code == 200
+
+
+async def test_readiness_follows_the_encoder_the_llm_service_reports(client, llm_server) -> None:
+    from grpc_health.v1 import health_pb2
+
+    encoder = "mmserve.encoder.v1.Encoder"
+    await llm_server.health.set(encoder, health_pb2.HealthCheckResponse.NOT_SERVING)
+    response = await client.get("/ready")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "reason": "encoder"}
+    await llm_server.health.set(encoder, health_pb2.HealthCheckResponse.SERVING)
+    assert (await client.get("/ready")).json() == {"status": "ready"}
