@@ -49,12 +49,20 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
      "preprocessing and hidden size"),
     ("--device", "device", str, "torch device of the torch tower: cpu, cuda, cuda:N"),
     ("--video-frames", "video_frames", int, "frames sampled from a video by default"),
+    ("--max-video-scanned-frames", "max_video_scanned_frames", int, "longest video in "
+     "frames (counted from packets before any frame is decoded)"),
     ("--dtype", "dtype", str, f"embedding dtype on the wire: {', '.join(DTYPES)}"),
     ("--seed", "seed", int, "seed of the demo tower's random weights"),
     ("--max-batch-tiles", "max_batch_tiles", int, "tiles per tower call across requests"),
     ("--max-media-bytes", "max_media_bytes", int, "largest encoded media item"),
     ("--max-image-pixels", "max_image_pixels", int, "largest image (width x height)"),
     ("--max-items-per-request", "max_items_per_request", int, "media items per Encode call"),
+    ("--max-request-pixels", "max_request_pixels", int, "pixels of all images in one "
+     "request, checked from headers before decoding (0: off)"),
+    ("--max-request-rows", "max_request_rows", int, "embedding rows of all media in one "
+     "request, planned before decoding (0: off; the LLM checks its context anyway)"),
+    ("--max-decoded-bytes", "max_decoded_bytes", int, "memory for decoded images in flight "
+     "across requests; past it, requests get RESOURCE_EXHAUSTED (429) (0: off)"),
     ("--max-audio-seconds", "max_audio_seconds", float, "longest audio item accepted "
      "(Megrez encodes the first 30 s)"),
     ("--allow-http", "allow_http", _bool, "fetch http(s) URLs at all"),
@@ -71,6 +79,9 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--chunk-bytes", "chunk_bytes", int, "embedding bytes per response message (< 4 MiB)"),
     ("--shm-dir", "shm_dir", str, "tmpfs directory for same-host embedding transfer to "
      "callers that prove they share it (default: /dev/shm when it exists; empty: off)"),
+    ("--shm-quota-bytes", "shm_quota_bytes", int, "region bytes written and not yet read "
+     "by callers; over it, rows go in-band"),
+    ("--shm-stale-s", "shm_stale_s", float, "seconds after which an unread region is removed"),
     ("--cache-capacity-bytes", "cache_capacity_bytes", int, "content store size"),
     ("--metrics-port", "metrics_port", int, "serve Prometheus /metrics over HTTP on this port "
      "(queue depth, requests, tower calls; default: off)"),

@@ -51,12 +51,19 @@ class EncoderConfig:
     tensorrt_engine: str | None = None  # tower tensorrt: the serialized vision engine
     device: str = "cpu"  # torch device of the torch tower: cpu, cuda, cuda:N
     video_frames: int = 8  # frames sampled from a video when the request says 0
+    # Frames counted (from packets, not decoded) before a video is refused: 1 h at 30 fps.
+    max_video_scanned_frames: int = 108_000
     dtype: str = "float32"  # dtype of the embedding rows sent to the LLM
     seed: int = 0  # seeds the demo tower's random weights
     max_batch_tiles: int = 32  # tiles per tower call, across concurrent requests
     max_media_bytes: int = 20 * MIB
     max_image_pixels: int = 40_000_000  # checked from the header, before decoding
     max_items_per_request: int = 16
+    # Budgets a request's media are planned against (from headers, before decoding); 0: off.
+    max_request_pixels: int = 160_000_000
+    max_request_rows: int = 0
+    # Decoded pixels (and tower input) in flight across requests; past it, 429. 0: off.
+    max_decoded_bytes: int = 2048 * MIB
     # Longer audio items are refused; Megrez encodes the first 30 s of what it accepts.
     max_audio_seconds: float = 30.0
     allow_http: bool = True  # fetch http:// and https:// URLs at all
@@ -71,6 +78,9 @@ class EncoderConfig:
     # Directory for same-host embedding files offered by callers that can prove they see it.
     # None: DEFAULT_SHM_DIR when it exists; empty: rows always go in-band.
     shm_dir: str | None = None
+    # Region bytes written and not yet taken by the caller; over it, rows go in-band.
+    shm_quota_bytes: int = 256 * MIB
+    shm_stale_s: float = 10.0  # unread regions older than this are removed
     cache_capacity_bytes: int = 512 * MIB  # decoded images + embeddings kept for reuse
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any free port
     shutdown_grace_s: float = 5.0
@@ -109,6 +119,8 @@ class EncoderConfig:
              f"device must be cpu, cuda or cuda:N, got {self.device!r}"),
             (1 <= self.video_frames <= MAX_VIDEO_FRAMES,
              f"video_frames must be in [1, {MAX_VIDEO_FRAMES}], got {self.video_frames}"),
+            (self.max_video_scanned_frames >= 1,
+             f"max_video_scanned_frames must be >= 1, got {self.max_video_scanned_frames}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (self.max_batch_tiles >= 1,
              f"max_batch_tiles must be >= 1, got {self.max_batch_tiles}"),
@@ -118,6 +130,12 @@ class EncoderConfig:
              f"max_image_pixels must be > 0, got {self.max_image_pixels}"),
             (self.max_items_per_request >= 1,
              f"max_items_per_request must be >= 1, got {self.max_items_per_request}"),
+            (self.max_request_pixels >= 0,
+             f"max_request_pixels must be >= 0, got {self.max_request_pixels}"),
+            (self.max_request_rows >= 0,
+             f"max_request_rows must be >= 0, got {self.max_request_rows}"),
+            (self.max_decoded_bytes >= 0,
+             f"max_decoded_bytes must be >= 0, got {self.max_decoded_bytes}"),
             (0 < self.max_audio_seconds <= 3600,
              f"max_audio_seconds must be in (0, 3600], got {self.max_audio_seconds}"),
             (all(self.allowed_domains),
@@ -139,6 +157,9 @@ class EncoderConfig:
              f"(below the 4 MiB gRPC message limit), got {self.chunk_bytes}"),
             (not self.shm_dir or Path(self.shm_dir).is_dir(),
              f"shm_dir must be an existing directory or empty, got {self.shm_dir!r}"),
+            (self.shm_quota_bytes >= 0,
+             f"shm_quota_bytes must be >= 0, got {self.shm_quota_bytes}"),
+            (self.shm_stale_s > 0, f"shm_stale_s must be > 0, got {self.shm_stale_s}"),
             (self.metrics_port is None or 0 <= self.metrics_port <= 65535,
              f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
             (self.cache_capacity_bytes >= 0,

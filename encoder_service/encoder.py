@@ -22,11 +22,21 @@ from encoder_service.errors import InvalidRequest
 from encoder_service.families import Preprocessed, Preprocessor, Tiles, build_preprocessor
 from encoder_service.families.imaging import content_hash
 from encoder_service.media import MediaResolver
+from encoder_service.pixel_budget import PixelBudget, pixel_bytes
 from encoder_service.towers.base import Tower
 from encoder_service.video import sample_frames
 from mmserve.wire.media import EncodedItem, MediaItem, Modality, handle_for
 
 VIDEO_KEY = "video;"  # the content store keys a video file by sha256 over this + its bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ItemEstimate:
+    """What one request item will cost, known from its header before decoding."""
+
+    num_tokens: int  # embedding rows (all frames of a video); 0: unknown (audio)
+    num_tiles: int
+    pixels: int  # width x height; 0: unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +70,7 @@ class Encoder:
         self.store = ContentStore(config.cache_capacity_bytes)
         self.resolver = MediaResolver(config, self.store)
         self.batcher = TileBatcher(tower, config.max_batch_tiles)
+        self.pixels = PixelBudget(config.max_decoded_bytes)
         self._item_lock = asyncio.Lock()  # towers that take whole items run one at a time
 
     @property
@@ -82,11 +93,7 @@ class Encoder:
 
         The first failure (in request order) is raised; the other items are cancelled.
         """
-        if not items:
-            raise InvalidRequest("the request has no media items")
-        if len(items) > self.config.max_items_per_request:
-            raise InvalidRequest(f"the request has {len(items)} media items; the limit is "
-                                 f"{self.config.max_items_per_request} per request")
+        self._check_count(items)
         tasks = [asyncio.create_task(self.encode(item)) for item in items]
         try:
             for task in tasks:
@@ -96,6 +103,13 @@ class Encoder:
                 task.cancel()
             # Collects what the cancelled or failed tasks raised, so nothing is left unretrieved.
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _check_count(self, items: Sequence[MediaItem]) -> None:
+        if not items:
+            raise InvalidRequest("the request has no media items")
+        if len(items) > self.config.max_items_per_request:
+            raise InvalidRequest(f"the request has {len(items)} media items; the limit is "
+                                 f"{self.config.max_items_per_request} per request")
 
     async def encode(self, item: MediaItem) -> list[EncodedItem]:
         """One item's encoded items (one per frame for a video), from the store when seen."""
@@ -109,8 +123,44 @@ class Encoder:
         if modality == Modality.AUDIO:
             return [await self._encode_audio(item)]
         max_tiles = self._max_tiles(item.max_tiles)
-        image = await self.resolver.load_image(item.ref)
-        return [await self._encode_image(image, max_tiles)]
+        source = await self.resolver.load_image_source(item.ref)
+        if isinstance(source, Image.Image):  # already decoded, in the store
+            return [await self._encode_image(source, max_tiles)]
+        width, height = await asyncio.to_thread(self.resolver.image_size, source)
+        tiles, _ = self.preprocessor.image_rows(width, height, max_tiles)
+        async with self.pixels.hold(pixel_bytes(width, height, tiles, self.config.image_size)):
+            image = await asyncio.to_thread(self.resolver.decode, source)
+            return [await self._encode_image(image, max_tiles)]
+
+    async def plan_all(self, items: Sequence[MediaItem]) -> list[ItemEstimate]:
+        """Each item's rows, tiles and pixels from its header (nothing decoded), after the
+        per-request pixel and row budgets."""
+        self._check_count(items)
+        estimates = list(await asyncio.gather(*(self._plan(item) for item in items)))
+        pixels = sum(e.pixels for e in estimates)
+        rows = sum(e.num_tokens for e in estimates)
+        limit_pixels, limit_rows = self.config.max_request_pixels, self.config.max_request_rows
+        if limit_pixels and pixels > limit_pixels:
+            raise InvalidRequest(f"the request's images have {pixels} pixels in all; the limit "
+                                 f"is {limit_pixels} per request; send fewer or smaller images")
+        if limit_rows and rows > limit_rows:
+            raise InvalidRequest(f"the request's media would become {rows} embedding rows; the "
+                                 f"limit is {limit_rows} per request; send fewer or smaller "
+                                 f"images, or a lower max_tiles")
+        return estimates
+
+    async def _plan(self, item: MediaItem) -> ItemEstimate:
+        per_tile = self.preprocessor.tokens_per_tile
+        if item.modality == Modality.VIDEO:  # one tile per frame
+            frames = len(item.frames) or item.num_frames or self.config.video_frames
+            return ItemEstimate(frames * per_tile, frames, 0)
+        if item.modality != Modality.IMAGE:
+            return ItemEstimate(0, 0, 0)  # audio: known once decoded (and length-capped)
+        max_tiles = self._max_tiles(item.max_tiles)
+        source = await self.resolver.load_image_source(item.ref)
+        width, height = await asyncio.to_thread(self.resolver.image_size, source)
+        tiles, rows = self.preprocessor.image_rows(width, height, max_tiles)
+        return ItemEstimate(rows, tiles, width * height)
 
     def _max_tiles(self, requested: int) -> int:
         if requested > self.config.max_tiles:
@@ -165,7 +215,8 @@ class Encoder:
                                  f"{MAX_VIDEO_FRAMES}; send 0 for the default")
         data = await self.resolver.load_video_bytes(item.ref)
         frames = await asyncio.to_thread(sample_frames, data, num_frames,
-                                         self.config.max_image_pixels)
+                                         self.config.max_image_pixels,
+                                         self.config.max_video_scanned_frames)
         key = await asyncio.to_thread(content_hash, VIDEO_KEY, data)
         if key not in self.store:
             self.store.put(key, StoredItem(data, None, 0, kind=Modality.VIDEO))

@@ -28,6 +28,10 @@ class MediaForbidden(EncoderError):
     """A source this deployment does not allow: blocked address, domain or local path."""
 
 
+class Overloaded(EncoderError):
+    """Too much work in flight right now (decoded-pixel budget spent); retry shortly."""
+
+
 class Unavailable(EncoderError):
     """The service cannot encode right now (tower not loaded, shutting down)."""
 
@@ -36,5 +40,6 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     MediaNotFound: grpc.StatusCode.NOT_FOUND,
     MediaForbidden: grpc.StatusCode.PERMISSION_DENIED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }

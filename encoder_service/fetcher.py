@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -20,6 +21,8 @@ from encoder_service.config import EncoderConfig
 from encoder_service.errors import InvalidMedia, MediaForbidden
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+log = logging.getLogger(__name__)
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -101,9 +104,10 @@ class HttpFetcher:
         if not self._config.allow_private_networks:
             blocked = [str(a) for a in addresses if not is_public_address(a)]
             if blocked:
-                raise MediaForbidden(f"host {host!r} resolves to a non-public address "
-                                     f"({', '.join(blocked)}); this encoder only fetches from "
-                                     f"public addresses")
+                # The addresses stay in the log: a client must not map internal DNS.
+                log.info("refused %s: %s resolves to %s", _short(url), host, ", ".join(blocked))
+                raise MediaForbidden(f"host {host!r} resolves to a non-public address; this "
+                                     f"encoder only fetches from public addresses")
         return _Target(url=url, hostname=host, addresses=addresses)
 
     def _check_domain(self, host: str) -> None:
@@ -134,12 +138,13 @@ class HttpFetcher:
                 return await self._get_from(target, address)
             except httpx.ConnectError as exc:
                 last_error = exc
-            except httpx.TimeoutException:
-                raise InvalidMedia(f"timed out fetching {_short(target.url)}") from None
             except httpx.HTTPError as exc:
-                raise InvalidMedia(f"fetching {_short(target.url)} failed: "
-                                   f"{type(exc).__name__}") from None
-        raise InvalidMedia(f"cannot connect to {target.hostname!r}: {last_error}")
+                # One answer for refused, reset and timed out: the difference would tell a
+                # client which ports are open behind the host.
+                log.info("fetching %s failed: %r", _short(target.url), exc)
+                raise InvalidMedia(_unreachable(target)) from None
+        log.info("cannot connect to %s: %r", target.hostname, last_error)
+        raise InvalidMedia(_unreachable(target))
 
     async def _get_from(self, target: _Target, address: IPAddress) -> tuple[bytes, str | None]:
         parts = urlsplit(target.url)
@@ -173,8 +178,15 @@ class HttpFetcher:
         return bytes(body)
 
 
+def _unreachable(target: _Target) -> str:
+    return (f"cannot fetch {_short(target.url)}: the host did not answer in time or refused "
+            f"the connection; check the URL or send the media inline")
+
+
 def _short(url: str, limit: int = 120) -> str:
-    """The URL as quoted in messages: no query string, bounded length."""
+    """The URL as quoted in messages and logs: no user:password, query string or fragment,
+    bounded length."""
     parts = urlsplit(url)
-    shown = parts._replace(query="", fragment="").geturl()
+    netloc = parts.netloc.rpartition("@")[2]
+    shown = parts._replace(netloc=netloc, query="", fragment="").geturl()
     return shown if len(shown) <= limit else shown[:limit] + "..."

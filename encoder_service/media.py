@@ -12,15 +12,16 @@ import base64
 import binascii
 import io
 import warnings
-from pathlib import Path
+from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from encoder_service.cache import ContentStore
 from encoder_service.config import EncoderConfig
 from encoder_service.errors import InvalidMedia, MediaForbidden, MediaNotFound
 from encoder_service.fetcher import HttpFetcher
+from encoder_service.local_files import LocalFiles
 from mmserve.wire.media import MediaRef, Modality, parse_handle
 
 # Formats whose decoders are plain pixel codecs; others (EPS runs Ghostscript, ...)
@@ -38,8 +39,8 @@ class MediaResolver:
         self._config = config
         self._store = store
         self._fetcher = fetcher or HttpFetcher(config)
-        self._local_root = (Path(config.allowed_local_media_path).resolve()
-                            if config.allowed_local_media_path else None)
+        self._local_files = (LocalFiles(config.allowed_local_media_path)
+                             if config.allowed_local_media_path else None)
         # Pillow's bomb limit is process-wide. Ours is checked per image before any
         # pixel is decoded; Pillow's, set to the same value, is the second line (it
         # raises DecompressionBombError from Image.open beyond twice the limit, and
@@ -49,21 +50,39 @@ class MediaResolver:
 
     async def load_image(self, ref: MediaRef) -> Image.Image:
         """The decoded RGB image for `ref`; raises an EncoderError saying what to change."""
+        source = await self.load_image_source(ref)
+        if isinstance(source, Image.Image):
+            return source
+        return await asyncio.to_thread(self.decode, source)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Image file bytes (from load_image_source) -> the decoded RGB image."""
+        return decode_image(data, self._config.max_image_pixels)
+
+    async def load_image_source(self, ref: MediaRef) -> Image.Image | bytes:
+        """The image file bytes for `ref`, size-checked but not decoded; or the decoded
+        image the content store keeps behind an `mm://` handle."""
         if ref.mime_type and not ref.mime_type.lower().startswith("image/"):
             raise InvalidMedia(f"mime_type {ref.mime_type!r} is not an image type; this encoder "
                                f"accepts images (image/png, image/jpeg, ...)")
         if ref.data and ref.url:
             raise InvalidMedia("a media item must carry either url or data, not both")
         if ref.data:
-            data = self._check_size(ref.data, "inline media")
-        elif ref.url:
-            stored = self._stored(ref.url, Modality.IMAGE)
-            if isinstance(stored, Image.Image):
-                return stored
-            data = await self._read_url(ref.url)
-        else:
+            return self._check_size(ref.data, "inline media")
+        if not ref.url:
             raise InvalidMedia("a media item has neither url nor data; set one of them")
-        return await asyncio.to_thread(decode_image, data, self._config.max_image_pixels)
+        stored = self._stored(ref.url, Modality.IMAGE)
+        if isinstance(stored, Image.Image):
+            return stored
+        return await self._read_url(ref.url)
+
+    def image_size(self, source: Image.Image | bytes) -> tuple[int, int]:
+        """(width, height) from the header alone, with every check decode_image makes
+        before decoding (format, pixel limit)."""
+        if isinstance(source, Image.Image):
+            return source.size
+        with open_image(source, self._config.max_image_pixels) as image:
+            return _oriented_size(image)
 
     async def load_audio_bytes(self, ref: MediaRef) -> bytes:
         """The audio file bytes for `ref` (inline or a data:/file:/http(s) URL), size-checked;
@@ -129,24 +148,39 @@ class MediaResolver:
         return data
 
     def _read_file(self, url: str) -> bytes:
-        if self._local_root is None:
+        if self._local_files is None:
             raise MediaForbidden("file:// URLs are off on this encoder; send the image "
                                  "bytes inline or as a data: URL")
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise InvalidMedia(f"file:// URL with host {parts.netloc!r}; only local files "
                                f"(file:///path) are supported")
-        # resolve() removes `..` and follows symlinks, so the containment check below
-        # sees where the file really is.
-        path = Path(unquote(parts.path)).resolve()
-        if not path.is_relative_to(self._local_root):
-            raise MediaForbidden(f"file:// URLs must point inside {self._local_root}; "
-                                 f"{unquote(parts.path)!r} is outside it")
-        if not path.is_file():
-            raise MediaNotFound(f"no such file: {unquote(parts.path)!r}")
-        with path.open("rb") as handle:
-            data = handle.read(self._config.max_media_bytes + 1)
-        return self._check_size(data, f"file {path.name!r}")
+        path = unquote(parts.path)
+        data = self._local_files.read(path, self._config.max_media_bytes)
+        return self._check_size(data, f"file {PurePosixPath(path).name!r}")
+
+
+# EXIF orientations that turn the image a quarter: width and height swap.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_ORIENTATION_TAG = 0x0112
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """The size after EXIF orientation is applied, from the header.
+
+    The EXIF block read at open (JPEG, WebP, a PNG's eXIf before its pixels) is parsed
+    directly: `getexif()` on a PNG would decode the whole image to look further.
+    """
+    raw = image.info.get("exif")
+    orientation = 1
+    if isinstance(raw, bytes):
+        exif = Image.Exif()
+        try:
+            exif.load(raw)
+            orientation = exif.get(_ORIENTATION_TAG, 1)
+        except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+            orientation = 1
+    return (image.height, image.width) if orientation in _QUARTER_TURNS else image.size
 
 
 def _article(kind: str) -> str:
@@ -179,8 +213,8 @@ def parse_data_url(url: str, max_bytes: int, kind: str = "image") -> bytes:
                            f"standard base64, without whitespace or line breaks") from None
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decodes image bytes to RGB, refusing over-limit sizes before any pixel is decoded."""
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read, checked against the pixel limit."""
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:
@@ -198,9 +232,17 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                            f"is {max_pixels} pixels; send a smaller image")
     if pixels == 0:
         raise InvalidMedia("image has zero width or height")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decodes image bytes to RGB, refusing over-limit sizes before any pixel is decoded."""
+    image = open_image(data, max_pixels)
     try:
         image.load()
-        return image.convert("RGB")
+        # Upright as shown to people, as transformers' load_image does for every HF
+        # processor (InternVL2's and Qwen-VL's own loaders skip it; see the README).
+        return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidMedia(f"image data is corrupt or truncated ({exc}); send the complete "
                            f"image file") from None

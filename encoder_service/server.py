@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from wsgiref.simple_server import WSGIServer
 
@@ -20,6 +19,7 @@ from encoder_service.encoder import Encoder
 from encoder_service.errors import STATUS, InvalidRequest, Unavailable
 from encoder_service.families import Preprocessor, build_preprocessor
 from encoder_service.metrics import EncoderMetrics, serve_metrics
+from encoder_service.regions import RegionPool
 from encoder_service.towers import Tower, build_tower
 from mmserve.rpc.calls import Call, rpc_method, status_for
 from mmserve.rpc.server import GrpcServer, bind_address
@@ -27,22 +27,12 @@ from mmserve.rpc.tls import server_credentials
 from mmserve.wire.chunks import dtype_to_pb, tensor_to_chunks, torch_dtype
 from mmserve.wire.convert import header_to_pb, item_from_pb, modality_to_pb
 from mmserve.wire.media import EncodedItem, MediaItem
-from mmserve.wire.shm import (
-    SHM_MIN_BYTES,
-    ShmOffers,
-    new_region_name,
-    remove_regions,
-    remove_stale_regions,
-    write_region,
-)
+from mmserve.wire.shm import ShmOffers
 from protos import encoder_pb2, encoder_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
-# Region files are taken at once; older ones were left by callers that went away.
-STALE_REGION_S = 300.0
-SWEEP_INTERVAL_S = 60.0
 rpc = rpc_method(STATUS, log)
 
 
@@ -61,7 +51,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self._preprocessor = preprocessor
         self.encoder: Encoder | None = None  # set once the tower is loaded
         self._shm = ShmOffers(config.shm_dir or "")
-        self._next_sweep = 0.0
+        self.regions = RegionPool(self._shm.directory, config.shm_quota_bytes,
+                                  config.shm_stale_s)
         self.metrics = EncoderMetrics(lambda: self.encoder.stats() if self.encoder else None)
 
     @rpc
@@ -70,7 +61,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         encoder = self.encoder
         if encoder is None:
             raise Unavailable("the encoder is still loading its tower; retry shortly")
-        shm = request.HasField("shm") and self._accept_shm(request.shm)
+        shm = request.HasField("shm") and self._shm.accept(request.shm)
         regions: list[str] = []  # created by this call; removed unless it ends well
         sent = tiles = cached = 0
         outcome = "INTERNAL"
@@ -97,7 +88,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             raise
         finally:
             if outcome != "OK":
-                remove_regions(self._shm.directory, regions)
+                self.regions.discard(regions)
             self.metrics.record(outcome, sent, cached, tiles)
             call.fields.update(tiles=tiles, cached=cached)
 
@@ -105,39 +96,25 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                          regions: list[str]) -> AsyncIterator[encoder_pb2.EncodeResponse]:
         """One encoded item: its header, then its rows as a region file or in-band chunks."""
         yield encoder_pb2.EncodeResponse(item_index=index, header=header_to_pb(item, media_index))
-        region = await asyncio.to_thread(self._write_region, item, regions) if shm else None
+        region = await asyncio.to_thread(self.regions.write, item.embeddings, regions) \
+            if shm else None
         if region is not None:
             yield encoder_pb2.EncodeResponse(item_index=index, shm=region)
             return
         for chunk in tensor_to_chunks(item.embeddings, self._config.chunk_bytes):
             yield encoder_pb2.EncodeResponse(item_index=index, chunk=chunk)
 
-    def _accept_shm(self, offer: encoder_pb2.ShmOffer) -> bool:
-        """Whether this call's rows may go through the shared directory; sweeps it now and then."""
-        if not self._shm.accept(offer):
-            return False
-        now = time.monotonic()
-        if now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_INTERVAL_S
-            try:
-                remove_stale_regions(self._shm.directory, STALE_REGION_S)
-            except OSError as exc:
-                log.warning("cannot sweep %s: %s", self._shm.directory, exc)
-        return True
-
-    def _write_region(self, item: EncodedItem, regions: list[str]) -> encoder_pb2.ShmRegion | None:
-        """The item's rows as a new file in the shared directory, or None: send them in-band."""
-        embeddings = item.embeddings
-        if embeddings.numel() * embeddings.element_size() < SHM_MIN_BYTES:
-            return None
-        name = new_region_name()
-        regions.append(name)
-        try:
-            return write_region(self._shm.directory, name, embeddings)
-        except OSError as exc:
-            log.warning("cannot write %s in %s, sending in-band: %s",
-                        name, self._shm.directory, exc)
-            return None
+    @rpc
+    async def Plan(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext,
+                   call: Call) -> encoder_pb2.PlanResponse:
+        encoder = self.encoder
+        if encoder is None:
+            raise Unavailable("the encoder is still loading its tower; retry shortly")
+        estimates = await encoder.plan_all(items_from_pb(request))
+        call.fields.update(items=len(estimates), rows=sum(e.num_tokens for e in estimates))
+        return encoder_pb2.PlanResponse(items=[
+            encoder_pb2.ItemPlan(num_tokens=e.num_tokens, num_tiles=e.num_tiles, pixels=e.pixels)
+            for e in estimates])
 
     @rpc
     async def GetModelInfo(self, request: encoder_pb2.EncoderInfoRequest,
@@ -195,6 +172,7 @@ class EncoderServer:
             await asyncio.to_thread(build_tower, config)
         encoder = Encoder(config, tower, self.preprocessor)
         encoder.start()
+        self._servicer.regions.start()
         self._servicer.encoder = encoder
         await self._server.set_serving(True)
         log.info("encoder serving on %s family=%s tower=%s hidden_size=%d dtype=%s",
@@ -209,5 +187,6 @@ class EncoderServer:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
+        await self._servicer.regions.stop()
         if self._servicer.encoder is not None:
             await self._servicer.encoder.stop()

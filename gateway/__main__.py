@@ -10,10 +10,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from gateway.app import create_app
+from gateway.connections import header_timeout_protocol
 from gateway.config import GatewayConfig
 from mmserve.rpc.flags import parse_with_env
 
@@ -46,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float,
                         default=defaults.request_timeout_s,
                         help="seconds one generation may take")
+    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
+                        help="seconds a client has to send a request's headers (also "
+                             "closes connections that send nothing)")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
+                        help="seconds a client has to send a request body once its headers "
+                             "are in (then 408)")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="open connections at most; requests beyond it get 503")
     parser.add_argument("--ssl-certfile", default=None)
     parser.add_argument("--ssl-keyfile", default=None)
     parser.add_argument("--llm-tls-ca", default=None,
@@ -80,9 +90,17 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         host=args.host, port=args.port, llm_address=args.llm_address,
         model_name=args.model_name or None, api_keys=_api_keys(args),
         max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         llm_tls_ca=args.llm_tls_ca, llm_tls_cert=args.llm_tls_cert,
         llm_tls_key=args.llm_tls_key)
+
+
+def server_options(config: GatewayConfig) -> dict[str, Any]:
+    """uvicorn settings for the connection limits (see gateway/connections.py)."""
+    return {"http": header_timeout_protocol(config.header_timeout_s),
+            "limit_concurrency": config.max_connections}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # access_log off: the gateway writes its own line per request, with tokens and timings.
     uvicorn.run(create_app(config), host=config.host, port=config.port,
                 ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
-                log_level=args.log_level, access_log=False)
+                log_level=args.log_level, access_log=False, **server_options(config))
     return 0
 
 

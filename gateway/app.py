@@ -48,7 +48,8 @@ def create_app(config: GatewayConfig,
     install_handlers(app)
     # Each add wraps the previous one, so the log (added last) sees every
     # response, and the key is checked before any body is read.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes,
+                       timeout_s=config.body_timeout_s)
     app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys)
     app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)
     return app

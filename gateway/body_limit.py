@@ -1,6 +1,9 @@
-"""The request body cap: 413 with an OpenAI error body."""
+"""The request body cap (413) and deadline (408), with OpenAI error bodies."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -11,16 +14,18 @@ from gateway.errors import CLIENT_CLOSED_REQUEST, APIError
 
 class BodyLimitMiddleware:
     """Rejects bodies over `max_bytes`: at once when Content-Length says so,
-    otherwise as soon as the bytes read pass the cap (chunked uploads).
+    otherwise as soon as the bytes read pass the cap (chunked uploads); and bodies not
+    complete `timeout_s` after the headers (a slow client holding a connection).
 
     The body is read here in full (the routes need it whole anyway) and replayed
     to the app; later `receive()` calls go to the server, so the routes still
     see the client disconnect.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self._max_bytes = max_bytes
+        self._timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,8 +37,14 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = None if self._timeout_s is None else time.monotonic() + self._timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(
+                    receive(), None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                await self._too_slow().response()(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client left mid-upload
                 await Response(status_code=CLIENT_CLOSED_REQUEST)(scope, receive, send)
                 return
@@ -46,6 +57,11 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    def _too_slow(self) -> APIError:
+        return APIError(408, f"The request body did not arrive within {self._timeout_s:g} "
+                        f"seconds; send it faster or make it smaller.", code="request_timeout",
+                        headers={"Connection": "close"})
 
     def _too_large(self) -> APIError:
         return APIError(413, f"The request body is larger than {self._max_bytes} bytes.",

@@ -37,6 +37,11 @@ class GatewayConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     # gRPC deadline of one generation, from the first byte sent to the last received.
     request_timeout_s: float = 600.0
+    # Connections: seconds to send a request's headers, then its body; most open at once
+    # (past it, requests get 503). Neither timeout limits how long a response streams.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1024
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     # TLS to the LLM service: its server CA, plus a client certificate when it requires mTLS.
@@ -61,6 +66,11 @@ class GatewayConfig:
              f"max_body_bytes must be >= 1024, got {self.max_body_bytes}"),
             (self.request_timeout_s > 0,
              f"request_timeout_s must be > 0, got {self.request_timeout_s}"),
+            (self.header_timeout_s > 0,
+             f"header_timeout_s must be > 0, got {self.header_timeout_s}"),
+            (self.body_timeout_s > 0, f"body_timeout_s must be > 0, got {self.body_timeout_s}"),
+            (self.max_connections >= 1,
+             f"max_connections must be >= 1, got {self.max_connections}"),
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
              f"ssl_certfile and ssl_keyfile go together, got certfile={self.ssl_certfile!r} "
              f"keyfile={self.ssl_keyfile!r}"),

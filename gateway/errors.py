@@ -126,7 +126,8 @@ def from_validation(exc: RequestValidationError) -> APIError:
     message = "; ".join(_describe(error) for error in errors[:3])
     if len(errors) > 3:
         message += f" (and {len(errors) - 3} more errors)"
-    param = None if first["type"] == "json_invalid" else _param(first["loc"])
+    param = None if first["type"] == "json_invalid" else \
+        first.get("ctx", {}).get("param") or _param(first["loc"])
     return APIError(400, message, param=param)
 
 

@@ -26,6 +26,7 @@ from protos import common_pb2, llm_pb2, llm_pb2_grpc
 # The whole-server entry of the standard health service, the one Kubernetes' gRPC probes ask.
 _HEALTH_SERVICE = ""
 _HEALTH_TIMEOUT_S = 2.0
+_ENCODER_HEALTH_SERVICE = "mmserve.encoder.v1.Encoder"  # as the LLM service publishes it
 _MODEL_INFO_TIMEOUT_S = 10.0
 _AUDIO_MIME = {"mp3": "audio/mpeg"}
 
@@ -67,6 +68,17 @@ class LLMClient:
                 health_pb2.HealthCheckRequest(service=_HEALTH_SERVICE), timeout=_HEALTH_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def encoder_serving(self) -> bool | None:
+        """What the LLM service reports for its encoder (llm_service/readiness.py): None
+        when it has none (text only) or does not say."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=_ENCODER_HEALTH_SERVICE),
+                timeout=_HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return None
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:

@@ -13,6 +13,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 FinishReason = Literal["stop", "length", "abort"]
 # Counts and token ids travel as uint32 in the LLM service's protobuf messages.
@@ -100,8 +101,43 @@ def _stop_list(stop: Any) -> Any:
     return [stop] if isinstance(stop, str) else stop
 
 
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The dotted path of the first string (or key) in `value` holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        found = _lone_surrogate(key, where) or _lone_surrogate(item, where)
+        if found:
+            return found
+    return None
+
+
 class GenerationRequest(OpenAIModel):
     """Fields shared by chat and completions, with vLLM's sampling extensions."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # JSON may escape a UTF-16 half ("\ud800") that no UTF-8 string can hold; it
+        # would fail later, building the gRPC message.
+        found = _lone_surrogate(data, "")
+        if found:
+            raise PydanticCustomError(
+                "lone_surrogate", "{param} contains a lone UTF-16 surrogate (an unpaired "
+                "\\uD800-\\uDFFF escape), which is not valid Unicode; send well-formed text",
+                {"param": found})
+        return data
 
     model: str | None = None
     stream: bool = False

@@ -7,6 +7,7 @@ import time
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import CLIENT_CLOSED_REQUEST
 from gateway.metrics import GatewayMetrics
 from gateway.request_record import NO_ID, RequestRecord, attach
 
@@ -34,9 +35,18 @@ class RequestLogMiddleware:
         record = RequestRecord(started=time.perf_counter())
         attach(scope.setdefault("state", {}), record)
         status = 500  # what the server sends if the app fails before responding
+        ended = gone = False  # the response's last byte was sent; the client left first
+
+        async def receive_and_note_disconnect() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or (message["type"] == "http.disconnect" and not ended)
+            return message
 
         async def send_and_note_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, ended
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if record.request_id != NO_ID:
@@ -46,8 +56,10 @@ class RequestLogMiddleware:
 
         self._metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_and_note_status)
+            await self.app(scope, receive_and_note_disconnect, send_and_note_status)
         finally:
+            if gone:  # a stream cut short is not a 200, whatever its first line said
+                status = CLIENT_CLOSED_REQUEST
             self._metrics.in_flight.dec()
             elapsed_s = time.perf_counter() - record.started
             # The router leaves the matched route in the scope; its path template,

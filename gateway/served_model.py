@@ -17,6 +17,7 @@ class ModelIdentity:
     max_model_len: int
     system_fingerprint: str | None
     created: int
+    max_n: int = 0  # the engine's max_num_seqs; 0: unknown, the LLM service checks
 
     def check_output_limit(self, max_tokens: int | None, param: str) -> None:
         """400 for a limit no request can reach, instead of a generation that runs to the
@@ -25,6 +26,12 @@ class ModelIdentity:
             raise APIError(400, f"{param}={max_tokens} is more than the model's context length "
                                 f"(max_model_len {self.max_model_len}); ask for at most "
                                 f"{self.max_model_len - 1} tokens", param=param)
+
+    def check_n(self, n: int) -> None:
+        """The engine's limit on choices, at the edge: before anything is sent on."""
+        if 0 < self.max_n < n:
+            raise APIError(400, f"n={n} exceeds the engine's max_num_seqs={self.max_n}; ask "
+                                f"for at most {self.max_n} choices", param="n")
 
     def envelope(self, response_id: str) -> dict[str, Any]:
         """The fields every response and chunk of one request carries."""
@@ -50,6 +57,7 @@ class ServedModel:
                 max_model_len=info.max_model_len,
                 system_fingerprint=f"fp_{info.engine}" if info.engine else None,
                 created=self._identity.created if self._identity else int(time.time()),
+                max_n=info.max_num_seqs,
             )
         return self._identity
 

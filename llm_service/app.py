@@ -15,6 +15,7 @@ from llm_service.engine.protocol import EngineClient
 from llm_service.errors import ServiceError
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
+from llm_service.readiness import watch_encoder
 from llm_service.server import LLMServicer, build_server, watch_health
 from llm_service.tokenizer import load_tokenizer
 from llm_service.weights import resolve_checkpoint
@@ -77,10 +78,14 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         generator = Generator(engine, tokenizer, family, encoder, config.max_media_items)
         info = dict(model_id=config.model_name, family=config.family,
                     max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
-                    hidden_size=engine.hidden_size, engine=config.engine_kind)
+                    hidden_size=engine.hidden_size, engine=config.engine_kind,
+                    max_num_seqs=engine.max_num_seqs)
         server = build_server(LLMServicer(generator, engine, info))
         port = await server.start(config.host, config.port, server_creds)
         watcher = asyncio.create_task(watch_health(engine, server))
+        encoder_watch = (asyncio.create_task(watch_encoder(config.encoder_address,
+                                                           encoder_creds, server))
+                         if config.encoder_address else None)
         log.info("LLM service listening on %s:%d (%s, started in %.1f s)", config.host, port,
                  config.model_name, time.monotonic() - started)
         if ready is not None:
@@ -89,6 +94,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         await stop.wait()
         log.info("shutting down")
         watcher.cancel()
+        if encoder_watch is not None:
+            encoder_watch.cancel()
         await server.stop(config.grace_s)
     finally:
         await engine.shutdown()

@@ -24,6 +24,7 @@ from llm_service.errors import (
     DeadlineExceeded,
     InvalidRequest,
     NotFound,
+    Overloaded,
     PermissionDenied,
     ServiceError,
     Unavailable,
@@ -41,9 +42,19 @@ _STATUS_ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedItem:
+    """An item's cost, planned from its header: rows (0: unknown), tiles, pixels."""
+
+    num_tokens: int
+    num_tiles: int
+    pixels: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +123,18 @@ class EncoderClient:
         in order, each item's encoded items (one per frame for a video)."""
         return list(await asyncio.gather(*(self._encode_one(i, request_id, timeout)
                                            for i in items)))
+
+    async def plan(self, items: list[MediaItem], request_id: str,
+                   timeout: float | None = None) -> list[PlannedItem]:
+        """Each item's rows, tiles and pixels, from headers only (see llm_service/admission.py)."""
+        request = encoder_pb2.EncodeRequest(request_id=request_id,
+                                            items=[item_to_pb(i) for i in items])
+        try:
+            reply = await self._stubs[next(self._next)].Plan(
+                request, timeout=timeout, metadata=(("x-request-id", request_id),))
+        except grpc.aio.AioRpcError as exc:
+            raise _to_error(exc) from None
+        return [PlannedItem(p.num_tokens, p.num_tiles, p.pixels) for p in reply.items]
 
     async def _encode_one(self, item: MediaItem, request_id: str,
                           timeout: float | None) -> list[EncodedItem]:

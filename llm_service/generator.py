@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_service.admission import check_media_fit
 from llm_service.encoder_client import EncoderClient
 from llm_service.engine.detokenizer import IncrementalDetokenizer
 from llm_service.engine.protocol import (
@@ -205,6 +206,9 @@ class Generator:
         if media and self._encoder is None:
             raise InvalidRequest("this deployment has no encoder service; send text only")
         encode_started = time.monotonic()
+        if media and self._encoder is not None:
+            await check_media_fit(self._encoder, self._tokenizer, messages, media,
+                                  self._engine.max_model_len, inp.request_id, inp.timeout)
         encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
                    if self._encoder is not None and media else [])
         encode_ms = (time.monotonic() - encode_started) * 1e3 if media else 0.0

@@ -78,6 +78,11 @@ class Preprocessor(ABC):
     @abstractmethod
     def plan(self, media: Any, max_tiles: int) -> Plan: ...
 
+    def image_rows(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
+        """(tiles, rows) an image of this size becomes: from its header, before any pixel
+        is decoded. Families that tile by size override it; this is one fixed tile."""
+        return 1, self.tokens_per_tile
+
     @abstractmethod
     def content_hash(self, media: Any, max_tiles: int) -> str: ...
 

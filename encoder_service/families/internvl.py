@@ -98,6 +98,10 @@ class InternVL2Preprocessor(Preprocessor):
         tiles = columns * rows
         return tiles + 1 if self.use_thumbnail and tiles != 1 else tiles
 
+    def image_rows(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
+        tiles = self.num_tiles(width, height, max_tiles)
+        return tiles, tiles * self.tokens_per_tile
+
     def plan(self, image: Image.Image, max_tiles: int) -> Plan:
         grid = tile_grid(image.width, image.height, self.image_size, max_tiles)
         tiles = self.num_tiles(image.width, image.height, max_tiles)

@@ -108,6 +108,9 @@ class LlavaPreprocessor(Preprocessor):
         rows, cols = self.grid(width, height)
         return 1 + rows * cols
 
+    def image_rows(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
+        return self.num_tiles(width, height), self.num_tokens(width, height)
+
     def plan(self, image: Image.Image, max_tiles: int = 0) -> Plan:
         rows, cols = self.grid(image.width, image.height)
         unpadded = unpadded_grid(image.width, image.height, rows, cols, self.side)

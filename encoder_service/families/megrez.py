@@ -137,6 +137,10 @@ class MegrezPreprocessor(Preprocessor):
         """Audio file bytes -> 16 kHz mono samples (refused above max_audio_seconds)."""
         return self.audio.decode(data)
 
+    def image_rows(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
+        tiles = self.num_tiles(width, height, max_tiles)
+        return tiles, tiles * QUERY_NUM
+
     def plan(self, media: Image.Image | np.ndarray, max_tiles: int = 0) -> Plan:
         key = self.content_hash(media, max_tiles)
         if isinstance(media, np.ndarray):

@@ -35,6 +35,7 @@ router = APIRouter()
              responses={200: {"model": ChatCompletion}, 400: {"model": ErrorResponse}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     identity = await request.app.state.served_model.resolve(body.model)
+    identity.check_n(body.n)
     identity.check_output_limit(body.output_limit, "max_completion_tokens"
                                 if body.max_completion_tokens is not None else "max_tokens")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

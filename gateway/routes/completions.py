@@ -28,6 +28,7 @@ router = APIRouter()
              responses={200: {"model": Completion}, 400: {"model": ErrorResponse}})
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     identity = await request.app.state.served_model.resolve(body.model)
+    identity.check_n(body.n)
     identity.check_output_limit(body.max_tokens, "max_tokens")
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generation = await Generation.start(

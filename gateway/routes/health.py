@@ -17,7 +17,11 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the LLM service's gRPC health check reports SERVING."""
-    if await request.app.state.llm.is_serving():
-        return JSONResponse({"status": "ready"})
-    return JSONResponse({"status": "unavailable"}, status_code=503)
+    """Readiness: the LLM service's gRPC health check reports SERVING, and so does the
+    encoder behind it, when it has one."""
+    llm = request.app.state.llm
+    if not await llm.is_serving():
+        return JSONResponse({"status": "unavailable", "reason": "llm"}, status_code=503)
+    if await llm.encoder_serving() is False:
+        return JSONResponse({"status": "unavailable", "reason": "encoder"}, status_code=503)
+    return JSONResponse({"status": "ready"})

@@ -98,6 +98,10 @@ class TorchEngine(EngineClient):
     def max_model_len(self) -> int:
         return self._limits.max_model_len if self._limits else 0
 
+    @property
+    def max_num_seqs(self) -> int:
+        return self._limits.max_num_seqs if self._limits else 0
+
     async def shutdown(self) -> None:
         if self._core is None:
             return

@@ -153,6 +153,12 @@ class EngineClient(ABC):
     def max_model_len(self) -> int:
         """Prompt plus output tokens one sequence may hold; set by start()."""
 
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences running at once, so the most choices (n) one request may have; 0 when
+        the engine does not say (nothing is checked ahead of it then)."""
+        return 0
+
     @abstractmethod
     async def start(self) -> None:
         """Loads the model and starts the step loop."""

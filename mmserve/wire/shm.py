@@ -4,11 +4,17 @@ An item's rows may travel as one file (`ShmRegion`) instead of in-band chunks, o
 caller's `ShmOffer` has proven that both sides see the same directory: the caller creates
 a probe file holding a random token, the encoder reads it. The file holds the same
 little-endian bytes as the chunks would.
+
+Files are 0600: both services run as one user (the images use uid 10001), and nobody else
+on the host reads embeddings or forges probes. The probe's creator holds a shared flock on
+it for as long as it lives, so a sweeper that can take the lock knows the owner is gone
+(also across PID namespaces, where a pid check would not work).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -33,6 +39,10 @@ PROBE_TOKEN_BYTES = 16
 SHM_MIN_BYTES = 64 * 1024  # smaller items stay in-band
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # no symlinks; a FIFO cannot block
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+FILE_MODE = 0o600
+# A probe this young may still be between its creation and its owner's lock.
+PROBE_GRACE_S = 5.0
+_held_probes: dict[str, int] = {}  # probe path -> the descriptor holding its lock
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +50,59 @@ log = logging.getLogger(__name__)
 def create_probe(directory: str) -> encoder_pb2.ShmOffer:
     """Creates `directory/mmserve-probe-<32 hex>` holding a random token; the offer naming it."""
     directory = os.path.normpath(directory)
+    remove_dead_probes(directory)
     name, token = PROBE_PREFIX + uuid.uuid4().hex, secrets.token_bytes(PROBE_TOKEN_BYTES)
-    fd = os.open(os.path.join(directory, name), _CREATE_FLAGS, 0o644)
-    with open(fd, "wb") as file:
-        file.write(token)
+    path = os.path.join(directory, name)
+    fd = os.open(path, _CREATE_FLAGS, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.write(fd, token)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    _held_probes[path] = fd  # kept open: the lock says "my owner is alive"
     return encoder_pb2.ShmOffer(dir=directory, probe_name=name, probe_token=token)
 
 
 def remove_probe(offer: encoder_pb2.ShmOffer) -> None:
+    path = os.path.join(offer.dir, offer.probe_name)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(offer.dir, offer.probe_name))
+        os.unlink(path)
+    fd = _held_probes.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_dead_probes(directory: str, min_age_s: float = PROBE_GRACE_S) -> int:
+    """Unlinks probe files whose creator died (nobody holds their lock); returns how many.
+
+    Files we may not remove (another user's, in a sticky /dev/shm) are left alone.
+    """
+    cutoff, removed = time.time() - min_age_s, 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not PROBE_NAME.fullmatch(entry.name) or entry.path in _held_probes:
+                continue
+            try:
+                fd = os.open(entry.path, _READ_FLAGS)
+            except OSError:
+                continue
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_mtime >= cutoff:
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # locked: its owner is alive
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+            finally:
+                os.close(fd)
+    return removed
 
 
 def probe_matches(directory: str, offer: encoder_pb2.ShmOffer) -> bool:
@@ -99,7 +152,7 @@ def write_region(directory: str, name: str, tensor: torch.Tensor) -> encoder_pb2
     """Writes [rows, hidden] completely into the new file `directory/name`."""
     array = wire_array(tensor)
     path = os.path.join(directory, name)
-    fd = os.open(path, _CREATE_FLAGS, 0o644)
+    fd = os.open(path, _CREATE_FLAGS, FILE_MODE)
     try:
         with open(fd, "wb") as file:
             file.write(array.data)  # C-contiguous: its buffer, without a copy

@@ -81,6 +81,10 @@ class TrtllmEngine(EngineClient):
         return min(self._options.max_model_len or built, built)
 
     @property
+    def max_num_seqs(self) -> int:
+        return int(self._layout.max_batch_size)
+
+    @property
     def healthy(self) -> bool:
         return self._dead is None
 

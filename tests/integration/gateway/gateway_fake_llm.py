@@ -108,6 +108,7 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
     async def GetModelInfo(self, request: llm_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> llm_pb2.ModelInfo:
         return llm_pb2.ModelInfo(model_id=MODEL_ID, family="internvl2", max_model_len=4096,
+                                 max_num_seqs=MAX_NUM_SEQS,
                                  engine="torch")
 
 

@@ -235,3 +235,55 @@ async def test_probes_log_at_debug_and_requests_at_info(client, caplog) -> None:
     levels = {r.getMessage().split(" route=")[1].split(" ")[0]: r.levelno
               for r in caplog.records if r.name == "gateway.requests"}
     assert levels == {"/health": logging.DEBUG, "/v1/chat/completions": logging.INFO}
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", '
+     b'"text": "x\\udfff"}]}]}', "messages.0.content.0.text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
+     b'"stop": ["ok", "\\ud83d"]}', "stop.1"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": "\\ud800"}', "stop"),
+])
+async def test_a_lone_surrogate_is_a_400_naming_the_field(client, fake_llm, route, body,
+                                                          param) -> None:
+    response = await client.post(route, content=body,
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and "lone UTF-16 surrogate" in error["message"]
+    assert error["message"].startswith(param)
+    assert fake_llm.requests == []
+
+
+async def test_a_surrogate_pair_is_fine(client, fake_llm) -> None:
+    response = await client.post("/v1/chat/completions", headers={
+        "content-type": "application/json"},
+        content=b'{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}')
+    assert response.status_code == 200
+    assert fake_llm.requests[0].messages.messages[0].content[0].text == "smile \U0001f600"
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+async def test_n_beyond_the_engines_limit_is_refused_at_the_edge(client, fake_llm, route) -> None:
+    body = CHAT if route == "/v1/chat/completions" else {"prompt": "hi"}
+    response = await client.post(route, json={**body, "n": 65})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "n" and "max_num_seqs=64" in error["message"]
+    assert fake_llm.requests == []  # nothing reached the LLM service
+    response = await client.post(route, json={**body, "n": 64, "max_tokens": 1})
+    assert response.status_code == 200
+
+
+async def test_readiness_follows_the_encoder_the_llm_service_reports(client, llm_server) -> None:
+    from grpc_health.v1 import health_pb2
+
+    encoder = "mmserve.encoder.v1.Encoder"
+    await llm_server.health.set(encoder, health_pb2.HealthCheckResponse.NOT_SERVING)
+    response = await client.get("/ready")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "reason": "encoder"}
+    await llm_server.health.set(encoder, health_pb2.HealthCheckResponse.SERVING)
+    assert (await client.get("/ready")).json() == {"status": "ready"}

@@ -140,8 +140,9 @@ async def test_file_urls_inside_the_allowed_directory_work(config, media_dir):
 async def test_file_urls_cannot_escape_the_allowed_directory(config, media_dir, path):
     local = dataclasses.replace(config, allowed_local_media_path=str(media_dir))
     url = "file://" + path.format(root=media_dir)
-    with pytest.raises(MediaForbidden, match="must point inside"):
+    with pytest.raises(MediaForbidden, match="must name a file inside") as info:
         await resolver_for(local).load_image(MediaRef(url=url))
+    assert str(media_dir) not in str(info.value)  # the directory stays private
 
 
 async def test_missing_local_file_and_remote_host(config, media_dir):
@@ -162,3 +163,9 @@ async def test_media_handles_resolve_from_the_store(config):
         await resolver_for(config, store).load_image(MediaRef(url="mm://sha256:" + "cd" * 32))
     with pytest.raises(InvalidMedia, match="malformed media handle"):
         await resolver_for(config, store).load_image(MediaRef(url="mm://sha256:XYZ"))
+
+
+async def test_a_nul_in_a_file_url_is_a_bad_request(config, media_dir):
+    local = dataclasses.replace(config, allowed_local_media_path=str(media_dir))
+    with pytest.raises(InvalidMedia, match=r"NUL character \(%00\)"):
+        await resolver_for(local).load_image(MediaRef(url=f"file://{media_dir}/sub/ok.png%00"))

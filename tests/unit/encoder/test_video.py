@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -144,3 +145,62 @@ async def test_families_without_video_refuse_it(config):
                       build_preprocessor(qwen))
     with pytest.raises(InvalidRequest, match="encodes image only, got a video item"):
         await encoder.encode(MediaItem(MediaRef(data=b"x"), Modality.VIDEO))
+
+
+def make_long_video(num_frames: int, gop: int, b_frames: int = 2) -> bytes:
+    """16x16 MPEG-4 with keyframes every `gop` frames and B-frames (packets out of
+    presentation order); every frame is its own random pattern."""
+    av = pytest.importorskip("av")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.codec_context.max_b_frames = b_frames
+        stream.options = {"qscale": "1"}
+        for k in range(num_frames):
+            array = np.random.default_rng(k).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def decode_all(data: bytes) -> list[np.ndarray]:
+    av = pytest.importorskip("av")
+    with av.open(io.BytesIO(data)) as container:
+        return [np.asarray(f.to_image().convert("RGB"))
+                for f in container.decode(container.streams.video[0])]
+
+
+def test_a_long_video_is_sampled_without_decoding_it_whole():
+    from encoder_service.video import sample_frames_counted
+
+    data = make_long_video(900, gop=30)
+    frames, decoded = sample_frames_counted(data, 8)
+    every = decode_all(data)
+    assert not any(np.array_equal(a, b) for a, b in itertools.pairwise(every))
+    for frame, index in zip(frames, get_index(899, 8), strict=True):
+        assert np.array_equal(np.asarray(frame), every[index]), index
+    # Each wanted frame costs at most the frames since its keyframe, not the whole file
+    # (twice, as counting by decoding did).
+    assert decoded <= 8 * 30, decoded
+
+
+def test_a_video_over_the_scan_limit_is_refused():
+    data = make_long_video(120, gop=30)
+    with pytest.raises(InvalidMedia, match="more than 100 frames"):
+        sample_frames(data, 4, max_scanned=100)
+
+
+@pytest.mark.parametrize("kind", ["PNG", "GIF", "JPEG"])
+def test_an_image_sent_as_a_video_is_refused(kind):
+    pytest.importorskip("av")
+    buffer = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format=kind)
+    with pytest.raises(InvalidMedia, match="not a video .*send an image as an image_url part"):
+        sample_frames(buffer.getvalue(), 4)

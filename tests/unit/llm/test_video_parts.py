@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from llm_service.encoder_client import PlannedItem
 from llm_service.engine.protocol import EngineOutput, EngineRequest, FinishReason
 from llm_service.generator import GenerateInput, Generator
 from llm_service.prompt.families import load_family
@@ -23,6 +24,10 @@ class FakeEncoder:
     async def encode(self, items, request_id, timeout=None):
         self.asked = list(items)
         return self.answers
+
+    async def plan(self, items, request_id, timeout=None):
+        return [PlannedItem(sum(e.num_tokens for e in answer), len(answer), 0)
+                for answer in self.answers]
 
 
 class RecordingEngine:
