@@ -21,6 +21,7 @@ from encoder_service.errors import STATUS, InvalidRequest, Unavailable
 from encoder_service.families import Preprocessor, build_preprocessor
 from encoder_service.metrics import EncoderMetrics, serve_metrics
 from encoder_service.towers import Tower, build_tower
+from mmserve.rpc.auth import read_token
 from mmserve.rpc.calls import Call, rpc_method, status_for
 from mmserve.rpc.server import GrpcServer, bind_address
 from mmserve.rpc.tls import server_credentials
@@ -172,7 +173,7 @@ class EncoderServer:
             # LLM pods re-resolve the encoders' DNS name and spread over pods added since.
             ("grpc.max_connection_age_ms", 300_000),
             ("grpc.max_connection_age_grace_ms", 60_000),
-        ])
+        ], token=read_token(config.internal_token_file))
         encoder_pb2_grpc.add_EncoderServicer_to_server(self._servicer, self._server.grpc)
         self.port = 0
         self.metrics_port = 0

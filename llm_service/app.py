@@ -18,6 +18,7 @@ from llm_service.prompt.families import load_family
 from llm_service.server import LLMServicer, build_server, watch_health
 from llm_service.tokenizer import load_tokenizer
 from llm_service.weights import resolve_checkpoint
+from mmserve.rpc.auth import read_token, token_interceptors
 from mmserve.rpc.tls import channel_credentials, server_credentials
 
 log = logging.getLogger("llm_service")
@@ -64,12 +65,14 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
     # Read before the model loads, so a missing certificate fails in a second, not a minute.
     server_creds = server_credentials(config.server_tls)
     encoder_creds = channel_credentials(config.encoder_tls)
+    token = read_token(config.internal_token_file)
     model_dir = await asyncio.to_thread(resolve_checkpoint, config.checkpoint, config.cache_dir)
     tokenizer = load_tokenizer(model_dir)
     family = load_family(config.family, tokenizer)
     engine = build_engine(config, model_dir)
     await engine.start()
-    encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir)
+    encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir,
+                             token_interceptors(token))
                if config.encoder_address else None)
     try:
         if encoder is not None:
@@ -78,8 +81,12 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         info = dict(model_id=config.model_name, family=config.family,
                     max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                     hidden_size=engine.hidden_size, engine=config.engine_kind)
-        server = build_server(LLMServicer(generator, engine, info))
+        servicer = LLMServicer(generator, engine, info)
+        server = build_server(servicer, token)
         port = await server.start(config.host, config.port, server_creds)
+        if config.metrics_port is not None:
+            metrics_http = servicer.metrics.serve(config.host, config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", config.host, metrics_http.server_port)
         watcher = asyncio.create_task(watch_health(engine, server))
         log.info("LLM service listening on %s:%d (%s, started in %.1f s)", config.host, port,
                  config.model_name, time.monotonic() - started)
@@ -87,9 +94,11 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
             ready.set_result(port)
         stop = stop or _signal_event()
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: draining for up to %.1f s", config.shutdown_grace_s)
         watcher.cancel()
-        await server.stop(config.grace_s)
+        await server.stop(config.shutdown_grace_s)
+        if config.metrics_port is not None:
+            metrics_http.shutdown()
     finally:
         await engine.shutdown()
         if encoder is not None:

@@ -75,6 +75,7 @@ class Chunk:
 class Timings:
     encode_ms: float  # the media's Encode calls (concurrent); 0 without media
     prefill_ms: float  # engine submission -> first token: queueing and prefill
+    queue_ms: float = 0.0  # of that, waiting in the engine's queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +157,8 @@ class Generator:
                 timings = None
                 if first:
                     timings = Timings(prepared.encode_ms,
-                                      ((first_token_at or submitted) - submitted) * 1e3)
+                                      ((first_token_at or submitted) - submitted) * 1e3,
+                                      out.queue_time_s * 1e3)
                 yield Chunk(out.index, text, list(new_ids), finish, usage,
                             self._logprobs(entries), handles if first else (), timings)
                 first = False
