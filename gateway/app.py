@@ -10,7 +10,9 @@ from fastapi import FastAPI
 from gateway.auth import ApiKeyMiddleware
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.config import GatewayConfig
+from gateway.drain import Drain, DrainMiddleware
 from gateway.errors import install_handlers
+from gateway.key_limits import KeyConcurrencyMiddleware
 from gateway.llm_client import LLMClient
 from gateway.metrics import GatewayMetrics
 from gateway.request_log import RequestLogMiddleware
@@ -42,13 +44,17 @@ def create_app(config: GatewayConfig,
                   lifespan=lifespan)
     app.state.config = config
     app.state.metrics = GatewayMetrics()
+    app.state.drain = Drain()
     for module in (chat, completions, models, health, metrics, web):
         app.include_router(module.router)
     app.mount(web.STATIC_PREFIX.rstrip("/"), web.static_files(), name="web")
     install_handlers(app)
     # Each add wraps the previous one, so the log (added last) sees every
-    # response, and the key is checked before any body is read.
+    # response, a draining gateway refuses before anything else, and the key is
+    # checked (then its concurrency) before any body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(KeyConcurrencyMiddleware, limit=config.max_concurrent_per_key)
     app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)
     return app

@@ -17,7 +17,9 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the LLM service's gRPC health check reports SERVING."""
+    """Readiness: not draining, and the LLM service's gRPC health check reports SERVING."""
+    if request.app.state.drain.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     if await request.app.state.llm.is_serving():
         return JSONResponse({"status": "ready"})
     return JSONResponse({"status": "unavailable"}, status_code=503)
