@@ -9,7 +9,6 @@ ends, uvicorn shuts down as usual. A second signal stops at once.
 
 from __future__ import annotations
 
-import signal
 import time
 from types import FrameType
 
@@ -66,18 +65,17 @@ class DrainingServer(uvicorn.Server):
         self._drain = drain
         self._grace_s = grace_s
         self._deadline = 0.0
-        self._signal: int = signal.SIGTERM
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain.draining or self._grace_s <= 0:
             super().handle_exit(sig, frame)
             return
         self._drain.start()
-        self._signal, self._deadline = sig, time.monotonic() + self._grace_s
+        self._deadline = time.monotonic() + self._grace_s
 
     async def on_tick(self, counter: int) -> bool:
         # Ticks come every 0.1 s: the drain ends within that of the last request.
         if (self._drain.draining and not self.should_exit
                 and (self._drain.in_flight == 0 or time.monotonic() >= self._deadline)):
-            super().handle_exit(self._signal, None)
+            self.should_exit = True  # a drained exit is a clean one: status 0
         return await super().on_tick(counter)
