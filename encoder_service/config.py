@@ -76,6 +76,7 @@ class EncoderConfig:
     # Seconds in-flight calls get after SIGTERM; below the pod's terminationGracePeriodSeconds.
     shutdown_grace_s: float = 30.0
     internal_token_file: str | None = None  # callers must send the shared token in it
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces; None: tracing off
     # TLS: server certificate and key; with a CA, clients must present a certificate it signed.
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -21,6 +21,7 @@ from encoder_service.cache import ContentStore
 from encoder_service.config import EncoderConfig
 from encoder_service.errors import InvalidMedia, MediaForbidden, MediaNotFound
 from encoder_service.fetcher import HttpFetcher
+from encoder_service.stages import stage
 from mmserve.wire.media import MediaRef, Modality, parse_handle
 
 # Formats whose decoders are plain pixel codecs; others (EPS runs Ghostscript, ...)
@@ -60,10 +61,12 @@ class MediaResolver:
             stored = self._stored(ref.url, Modality.IMAGE)
             if isinstance(stored, Image.Image):
                 return stored
-            data = await self._read_url(ref.url)
+            with stage("fetch"):
+                data = await self._read_url(ref.url)
         else:
             raise InvalidMedia("a media item has neither url nor data; set one of them")
-        return await asyncio.to_thread(decode_image, data, self._config.max_image_pixels)
+        with stage("decode"):
+            return await asyncio.to_thread(decode_image, data, self._config.max_image_pixels)
 
     async def load_audio_bytes(self, ref: MediaRef) -> bytes:
         """The audio file bytes for `ref` (inline or a data:/file:/http(s) URL), size-checked;

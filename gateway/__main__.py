@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--internal-token-file", default=None,
                         help="file with the shared token the LLM service requires "
                              "(deployments without mTLS; see deploy/README.md)")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="host:port of an OTLP/gRPC collector: export traces (needs the "
+                             "tracing extra; default: off)")
     parser.add_argument("--log-level", choices=_LOG_LEVELS,
                         default="info")
     parser.add_argument("--print-config", action="store_true",
@@ -95,7 +98,7 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         llm_tls_ca=args.llm_tls_ca, llm_tls_cert=args.llm_tls_cert,
         llm_tls_key=args.llm_tls_key, shutdown_grace_s=args.shutdown_grace_s,
         max_concurrent_per_key=args.max_concurrent_per_key,
-        internal_token_file=args.internal_token_file)
+        internal_token_file=args.internal_token_file, otlp_endpoint=args.otlp_endpoint or None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

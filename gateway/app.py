@@ -18,16 +18,19 @@ from gateway.metrics import GatewayMetrics
 from gateway.request_log import RequestLogMiddleware
 from gateway.routes import chat, completions, health, metrics, models, web
 from gateway.served_model import ServedModel
+from gateway.trace import TraceMiddleware
+from mmserve.tracing import Tracing
 
 
 def create_app(config: GatewayConfig,
                llm_client_factory: Callable[[GatewayConfig], LLMClient] = LLMClient.from_config,
-               ) -> FastAPI:
+               tracing: Tracing | None = None) -> FastAPI:
     """The OpenAI-compatible REST app in front of the LLM service.
 
     `llm_client_factory` builds the LLM client when the app starts; tests pass
-    their own to point the gateway at a fake.
+    their own to point the gateway at a fake. `tracing`: default from `config.otlp_endpoint`.
     """
+    tracing = tracing or Tracing.configure("mmserve-gateway", config.otlp_endpoint)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,6 +42,7 @@ def create_app(config: GatewayConfig,
             yield
         finally:
             await llm.close()
+            tracing.shutdown()
 
     app = FastAPI(title="mmserve gateway", summary="OpenAI-compatible API for mmserve",
                   lifespan=lifespan)
@@ -56,5 +60,6 @@ def create_app(config: GatewayConfig,
     app.add_middleware(KeyConcurrencyMiddleware, limit=config.max_concurrent_per_key)
     app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys)
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
+    app.add_middleware(TraceMiddleware, tracing=tracing)
     app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)
     return app

@@ -49,6 +49,8 @@ class GatewayConfig:
     max_concurrent_per_key: int | None = None
     # File with the shared token sent to the LLM service (deployments without mTLS).
     internal_token_file: str | None = None
+    # OTLP/gRPC collector (host:port) for traces; None: tracing off.
+    otlp_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         checks = [

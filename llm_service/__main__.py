@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None,
                         "to the encoder (for deployments without mTLS; see deploy/README.md)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics (vLLM names) over HTTP on this port")
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="host:port of an OTLP/gRPC collector: export traces (needs the "
+                        "tracing extra; default: tracing off)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     return parse_with_env(p, argv, ENV, os.environ if environ is None else environ)

@@ -20,6 +20,7 @@ from llm_service.tokenizer import load_tokenizer
 from llm_service.weights import resolve_checkpoint
 from mmserve.rpc.auth import read_token, token_interceptors
 from mmserve.rpc.tls import channel_credentials, server_credentials
+from mmserve.tracing import Tracing, client_interceptors
 
 log = logging.getLogger("llm_service")
 
@@ -66,13 +67,14 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
     server_creds = server_credentials(config.server_tls)
     encoder_creds = channel_credentials(config.encoder_tls)
     token = read_token(config.internal_token_file)
+    tracing = Tracing.configure("mmserve-llm", config.otlp_endpoint)
     model_dir = await asyncio.to_thread(resolve_checkpoint, config.checkpoint, config.cache_dir)
     tokenizer = load_tokenizer(model_dir)
     family = load_family(config.family, tokenizer)
     engine = build_engine(config, model_dir)
     await engine.start()
     encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir,
-                             token_interceptors(token))
+                             token_interceptors(token) + client_interceptors(tracing.enabled))
                if config.encoder_address else None)
     try:
         if encoder is not None:
@@ -82,7 +84,7 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
                     max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                     hidden_size=engine.hidden_size, engine=config.engine_kind)
         servicer = LLMServicer(generator, engine, info)
-        server = build_server(servicer, token)
+        server = build_server(servicer, token, tracing)
         port = await server.start(config.host, config.port, server_creds)
         if config.metrics_port is not None:
             metrics_http = servicer.metrics.serve(config.host, config.metrics_port)
@@ -103,6 +105,7 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         await engine.shutdown()
         if encoder is not None:
             await encoder.close()
+        tracing.shutdown()
 
 
 def _signal_event() -> asyncio.Event:

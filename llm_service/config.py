@@ -34,6 +34,7 @@ class LLMConfig:
     shutdown_grace_s: float = 30.0
     internal_token_file: Path | None = None  # shared token required on, and sent over, gRPC
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any port
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces; None: tracing off
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # with it, gRPC clients must present a certificate it signed
@@ -119,6 +120,7 @@ class LLMConfig:
                                     default["shutdown_grace_s"]),
             internal_token_file=_path(getattr(args, "internal_token_file", None)),
             metrics_port=getattr(args, "metrics_port", None),
+            otlp_endpoint=getattr(args, "otlp_endpoint", None) or None,
         )
 
 

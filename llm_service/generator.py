@@ -26,6 +26,7 @@ from llm_service.errors import InvalidRequest, Unavailable
 from llm_service.prompt.families import PromptFamily
 from llm_service.prompt.messages import MediaItem, Message, Modality, media_count
 from llm_service.prompt.template import check_messages
+from mmserve.tracing import span
 from mmserve.wire.media import EncodedItem
 
 log = logging.getLogger(__name__)
@@ -207,8 +208,9 @@ class Generator:
         if media and self._encoder is None:
             raise InvalidRequest("this deployment has no encoder service; send text only")
         encode_started = time.monotonic()
-        encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
-                   if self._encoder is not None and media else [])
+        with span("encode", items=len(media)):  # the encoder's spans are its children
+            encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
+                       if self._encoder is not None and media else [])
         encode_ms = (time.monotonic() - encode_started) * 1e3 if media else 0.0
         text = self._family.template.render(messages, encoded)
         slots = [item for items in encoded for item in items]

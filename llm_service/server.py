@@ -19,6 +19,7 @@ from llm_service.metrics import LLMMetrics
 from llm_service.prompt.messages import MediaItem, Message, Modality, Part, TextPart
 from mmserve.rpc.calls import Call, rpc_method, status_for
 from mmserve.rpc.server import GrpcServer
+from mmserve.tracing import Tracing, record_span
 from mmserve.wire.convert import ref_from_pb
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
 
@@ -146,7 +147,7 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
                        call: Call) -> AsyncIterator[llm_pb2.GenerateResponse]:
         started = time.perf_counter()
         prompt_tokens = completion_tokens = cached_tokens = 0
-        timer, finish, admitted = self.metrics.request(), None, True
+        timer, finish, admitted, first_ns = self.metrics.request(), None, True, 0
         try:
             # A client that goes away cancels this; the generator's cleanup aborts the engine.
             async for chunk in self._generator.generate(
@@ -154,6 +155,10 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
                 if "ttft_ms" not in call.fields and chunk.token_ids:
                     call.fields["ttft_ms"] = round((time.perf_counter() - started) * 1e3)
                 timer.tokens(len(chunk.token_ids))
+                if chunk.timings is not None and chunk.token_ids:
+                    first_ns = time.time_ns()
+                    record_span("prefill", first_ns - int(chunk.timings.prefill_ms * 1e6),
+                                queue_ms=chunk.timings.queue_ms)
                 if chunk.timings is not None:
                     timer.timings(chunk.timings.queue_ms / 1e3, chunk.timings.encode_ms / 1e3,
                                   bool(request.messages.messages) and chunk.timings.encode_ms > 0)
@@ -172,6 +177,8 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             raise
         finally:
             call.fields.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            if first_ns:
+                record_span("decode", first_ns, completion_tokens=completion_tokens)
             if admitted:
                 timer.finish(prompt_tokens, cached_tokens, completion_tokens,
                              None if finish is None else finish.name.lower())
@@ -202,11 +209,12 @@ async def watch_health(engine: EngineClient, server: GrpcServer, interval: float
         await asyncio.sleep(interval)
 
 
-def build_server(servicer: LLMServicer, token: bytes | None = None) -> GrpcServer:
+def build_server(servicer: LLMServicer, token: bytes | None = None,
+                 tracing: Tracing | None = None) -> GrpcServer:
     """The LLM service, health and reflection on one server; start() binds it."""
     limit = 64 * 1024 * 1024  # above the gateway body cap: inline media must fit
     server = GrpcServer(SERVICE_NAME, options=[("grpc.max_send_message_length", limit),
                                                ("grpc.max_receive_message_length", limit)],
-                        token=token)
+                        token=token, tracing=tracing)
     llm_pb2_grpc.add_LLMServicer_to_server(servicer, server.grpc)
     return server

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmserve.rpc.auth import TokenCheck
 from mmserve.rpc.drain import Drain
+from mmserve.tracing import ServerTracing, Tracing
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -35,10 +36,12 @@ class GrpcServer:
     server, "", and the service by name report the same status) and reflection."""
 
     def __init__(self, service_name: str, options: Sequence[tuple[str, Any]] = (),
-                 token: bytes | None = None) -> None:
+                 token: bytes | None = None, tracing: Tracing | None = None) -> None:
         self.service_name = service_name
         self.drain = Drain()
         interceptors: list[grpc.aio.ServerInterceptor] = [self.drain]
+        if tracing is not None and tracing.enabled:
+            interceptors.insert(0, ServerTracing(tracing, service_name.rsplit(".", 1)[-1]))
         if token is not None:
             interceptors.insert(0, TokenCheck(token))  # unauthenticated calls are not counted
         self.grpc = grpc.aio.server(options=list(options), interceptors=interceptors)
