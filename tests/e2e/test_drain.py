@@ -88,8 +88,17 @@ def test_sigterm_drains_each_service(smollm2_dir, tmp_path):
             {"role": "user", "content": [
                 {"type": "text", "text": "Describe."},
                 {"type": "image_url", "image_url": {"url": data_url(png_bytes(64, 64))}}]}]}
-        assert httpx.post(base + "/v1/chat/completions", json=image, timeout=60).status_code \
-            == 200
+        answered = httpx.post(base + "/v1/chat/completions", json=image, timeout=60)
+        assert answered.status_code == 200
+        # One line per request in each service, found by the same request_id= key.
+        request_id = answered.headers["x-request-id"]
+        for name, prefix in (("gateway", "http=/v1/chat/completions"),
+                             ("llm", "rpc=Generate"), ("encoder", "rpc=Encode")):
+            def lines(name=name) -> list[str]:  # written as the call ends: poll briefly
+                return [line for line in (tmp_path / f"{name}.log").read_text().splitlines()
+                        if f"request_id={request_id} " in line]
+            wait_until_true(lines, 10, f"no {name} log line for {request_id}")
+            assert len(lines()) == 1 and prefix in lines()[0], (name, lines())
         # ...and a caller without it is refused by the LLM service (health stays open).
         with grpc.insecure_channel(llm_address) as channel:
             with pytest.raises(grpc.RpcError) as denied:
