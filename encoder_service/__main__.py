@@ -85,7 +85,12 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--cache-capacity-bytes", "cache_capacity_bytes", int, "content store size"),
     ("--metrics-port", "metrics_port", int, "serve Prometheus /metrics over HTTP on this port "
      "(queue depth, requests, tower calls; default: off)"),
-    ("--shutdown-grace-s", "shutdown_grace_s", float, "seconds in-flight calls get on shutdown"),
+    ("--shutdown-grace-s", "shutdown_grace_s", float, "seconds in-flight calls get to finish "
+     "after SIGTERM (default 30; keep below the pod's terminationGracePeriodSeconds)"),
+    ("--internal-token-file", "internal_token_file", str, "file with the shared token callers "
+     "must send (deployments without mTLS; see deploy/README.md)"),
+    ("--otlp-endpoint", "otlp_endpoint", str, "host:port of an OTLP/gRPC collector: export "
+     "traces (needs the tracing extra; default: off)"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (serves TLS; with --tls-key)"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--tls-ca", "tls_ca", str, "PEM CA bundle: clients must present a certificate it signed"),

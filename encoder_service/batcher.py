@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
+from encoder_service import stages
 from encoder_service.errors import Unavailable
 from encoder_service.towers.base import Tower
 
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 class _Job:
     pixel_values: torch.Tensor  # [tiles, 3, H, W]
     future: asyncio.Future[torch.Tensor]
+    queued_at: float = 0.0  # time.perf_counter() when queued
+    ran_at: float = 0.0  # when its tower call started
 
 
 class TileBatcher:
@@ -60,9 +64,13 @@ class TileBatcher:
         if self._worker is None:
             raise Unavailable("the encoder is not running; retry")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(pixel_values, future))
+        job = _Job(pixel_values, future, time.perf_counter())
+        self._queue.put_nowait(job)
         self.queued_tiles += pixel_values.shape[0]
-        return await future
+        rows = await future
+        stages.observe("queue", job.ran_at - job.queued_at)
+        stages.observe("tower", time.perf_counter() - job.ran_at)
+        return rows
 
     async def _run(self) -> None:
         while True:
@@ -92,6 +100,9 @@ class TileBatcher:
 
     async def _execute(self, batch: list[_Job]) -> None:
         pixel_values = torch.cat([job.pixel_values for job in batch])
+        ran_at = time.perf_counter()
+        for job in batch:
+            job.ran_at = ran_at
         try:
             self.tower_calls += 1
             embeddings = await asyncio.to_thread(self._tower.encode, pixel_values)

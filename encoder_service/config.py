@@ -83,7 +83,10 @@ class EncoderConfig:
     shm_stale_s: float = 10.0  # unread regions older than this are removed
     cache_capacity_bytes: int = 512 * MIB  # decoded images + embeddings kept for reuse
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any free port
-    shutdown_grace_s: float = 5.0
+    # Seconds in-flight calls get after SIGTERM; below the pod's terminationGracePeriodSeconds.
+    shutdown_grace_s: float = 30.0
+    internal_token_file: str | None = None  # callers must send the shared token in it
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces; None: tracing off
     # TLS: server certificate and key; with a CA, clients must present a certificate it signed.
     tls_cert: str | None = None
     tls_key: str | None = None

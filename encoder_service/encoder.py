@@ -23,8 +23,10 @@ from encoder_service.families import Preprocessed, Preprocessor, Tiles, build_pr
 from encoder_service.families.imaging import content_hash
 from encoder_service.media import MediaResolver
 from encoder_service.pixel_budget import PixelBudget, pixel_bytes
+from encoder_service.stages import stage
 from encoder_service.towers.base import Tower
 from encoder_service.video import sample_frames
+from mmserve.tracing import span
 from mmserve.wire.media import EncodedItem, MediaItem, Modality, handle_for
 
 VIDEO_KEY = "video;"  # the content store keys a video file by sha256 over this + its bytes
@@ -129,7 +131,8 @@ class Encoder:
         width, height = await asyncio.to_thread(self.resolver.image_size, source)
         tiles, _ = self.preprocessor.image_rows(width, height, max_tiles)
         async with self.pixels.hold(pixel_bytes(width, height, tiles, self.config.image_size)):
-            image = await asyncio.to_thread(self.resolver.decode, source)
+            with stage("decode"):
+                image = await asyncio.to_thread(self.resolver.decode, source)
             return [await self._encode_image(image, max_tiles)]
 
     async def plan_all(self, items: Sequence[MediaItem]) -> list[ItemEstimate]:
@@ -233,7 +236,8 @@ class Encoder:
         if stored is not None and stored.embeddings is not None:
             return EncodedItem(stored.embeddings, key, handle, stored.num_tiles, frame,
                                cached=True)
-        prepared = await asyncio.to_thread(preprocess, *args)
+        with stage("preprocess"):
+            prepared = await asyncio.to_thread(preprocess, *args)
         rows = await self._run_tower(prepared)
         self.store.put(key, StoredItem(source, rows, prepared.num_tiles, kind=kind))
         return EncodedItem(rows, key, handle, prepared.num_tiles, frame)
@@ -242,11 +246,14 @@ class Encoder:
         """[num_tokens, hidden] rows of one preprocessed item."""
         if not self.tower.batches_tiles:
             async with self._item_lock:
-                return await asyncio.to_thread(self.tower.encode_item, prepared)
+                with stage("tower"):
+                    return await asyncio.to_thread(self.tower.encode_item, prepared)
         if not isinstance(prepared, Tiles):
             raise TypeError(f"{type(self.tower).__name__} batches tiles, but "
                             f"{self.preprocessor.family} preprocessing gave "
                             f"{type(prepared).__name__}")
-        tiles = await self.batcher.encode(prepared.pixel_values)
-        return await asyncio.to_thread(self.tower.merge, tiles, prepared)
+        with span("tower"):  # the batcher records its queue wait and tower time
+            tiles = await self.batcher.encode(prepared.pixel_values)
+        with stage("merge"):
+            return await asyncio.to_thread(self.tower.merge, tiles, prepared)
 

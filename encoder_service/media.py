@@ -22,6 +22,7 @@ from encoder_service.config import EncoderConfig
 from encoder_service.errors import InvalidMedia, MediaForbidden, MediaNotFound
 from encoder_service.fetcher import HttpFetcher
 from encoder_service.local_files import LocalFiles
+from encoder_service.stages import stage
 from mmserve.wire.media import MediaRef, Modality, parse_handle
 
 # Formats whose decoders are plain pixel codecs; others (EPS runs Ghostscript, ...)
@@ -53,7 +54,8 @@ class MediaResolver:
         source = await self.load_image_source(ref)
         if isinstance(source, Image.Image):
             return source
-        return await asyncio.to_thread(self.decode, source)
+        with stage("decode"):
+            return await asyncio.to_thread(self.decode, source)
 
     def decode(self, data: bytes) -> Image.Image:
         """Image file bytes (from load_image_source) -> the decoded RGB image."""
@@ -74,7 +76,8 @@ class MediaResolver:
         stored = self._stored(ref.url, Modality.IMAGE)
         if isinstance(stored, Image.Image):
             return stored
-        return await self._read_url(ref.url)
+        with stage("fetch"):
+            return await self._read_url(ref.url)
 
     def image_size(self, source: Image.Image | bytes) -> tuple[int, int]:
         """(width, height) from the header alone, with every check decode_image makes

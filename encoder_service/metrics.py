@@ -6,6 +6,8 @@
     mmserve_encoder_tiles_total                tiles (slices, frames) of those items
     mmserve_encoder_tower_calls_total          tower runs (batched across requests)
     mmserve_encoder_content_store_bytes        bytes held by the content store
+    mmserve:encoder_stage_seconds{stage}, mmserve:encoder_transfer_{seconds,bytes}{transport}
+                                               histograms, see encoder_service.stages
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from encoder_service.stages import Stages
+
 if TYPE_CHECKING:
     from encoder_service.encoder import EncoderStats
 
@@ -28,6 +32,7 @@ class EncoderMetrics(Collector):
 
     def __init__(self, stats: Callable[[], EncoderStats | None]) -> None:
         self._stats = stats
+        self.stages = Stages()
         self.requests: Counter[str] = Counter()
         self.items: Counter[bool] = Counter()
         self.tiles = 0
@@ -60,6 +65,7 @@ class EncoderMetrics(Collector):
         yield GaugeMetricFamily("mmserve_encoder_content_store_bytes",
                                 "Bytes held by the content store",
                                 value=stats.store_bytes if stats else 0)
+        yield from self.stages.collect()
 
 
 def serve_metrics(metrics: EncoderMetrics, host: str, port: int) -> WSGIServer:

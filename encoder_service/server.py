@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from wsgiref.simple_server import WSGIServer
 
@@ -21,6 +22,8 @@ from encoder_service.families import Preprocessor, build_preprocessor
 from encoder_service.metrics import EncoderMetrics, serve_metrics
 from encoder_service.regions import RegionPool
 from encoder_service.towers import Tower, build_tower
+from mmserve.rpc.auth import read_token
+from mmserve.tracing import Tracing, record_span
 from mmserve.rpc.calls import Call, rpc_method, status_for
 from mmserve.rpc.server import GrpcServer, bind_address
 from mmserve.rpc.tls import server_credentials
@@ -61,6 +64,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         encoder = self.encoder
         if encoder is None:
             raise Unavailable("the encoder is still loading its tower; retry shortly")
+        self.metrics.stages.activate()
         shm = request.HasField("shm") and self._shm.accept(request.shm)
         regions: list[str] = []  # created by this call; removed unless it ends well
         sent = tiles = cached = 0
@@ -96,13 +100,17 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                          regions: list[str]) -> AsyncIterator[encoder_pb2.EncodeResponse]:
         """One encoded item: its header, then its rows as a region file or in-band chunks."""
         yield encoder_pb2.EncodeResponse(item_index=index, header=header_to_pb(item, media_index))
+        started, started_ns, nbytes = time.perf_counter(), time.time_ns(), item.embeddings.nbytes
         region = await asyncio.to_thread(self.regions.write, item.embeddings, regions) \
             if shm else None
         if region is not None:
             yield encoder_pb2.EncodeResponse(item_index=index, shm=region)
-            return
-        for chunk in tensor_to_chunks(item.embeddings, self._config.chunk_bytes):
-            yield encoder_pb2.EncodeResponse(item_index=index, chunk=chunk)
+        else:
+            for chunk in tensor_to_chunks(item.embeddings, self._config.chunk_bytes):
+                yield encoder_pb2.EncodeResponse(item_index=index, chunk=chunk)
+        transport = "shm" if region is not None else "inband"
+        self.metrics.stages.transfer(transport, time.perf_counter() - started, nbytes)
+        record_span("transfer", started_ns, transport=transport, bytes=nbytes)
 
     @rpc
     async def Plan(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext,
@@ -135,8 +143,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 class EncoderServer:
     """The encoder gRPC server: binds, loads the tower, reports health, stops gracefully."""
 
-    def __init__(self, config: EncoderConfig, tower: Tower | None = None) -> None:
+    def __init__(self, config: EncoderConfig, tower: Tower | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.config = config
+        self.tracing = tracing or Tracing.configure("mmserve-encoder", config.otlp_endpoint)
         self._tower = tower  # injected (tests) or built from the config in start()
         self.preprocessor = build_preprocessor(config)  # the one this server's encoder uses
         self._servicer = EncoderServicer(config, self.preprocessor)
@@ -149,7 +159,7 @@ class EncoderServer:
             # LLM pods re-resolve the encoders' DNS name and spread over pods added since.
             ("grpc.max_connection_age_ms", 300_000),
             ("grpc.max_connection_age_grace_ms", 60_000),
-        ])
+        ], token=read_token(config.internal_token_file), tracing=self.tracing)
         encoder_pb2_grpc.add_EncoderServicer_to_server(self._servicer, self._server.grpc)
         self.port = 0
         self.metrics_port = 0
@@ -190,3 +200,4 @@ class EncoderServer:
         await self._servicer.regions.stop()
         if self._servicer.encoder is not None:
             await self._servicer.encoder.stop()
+        self.tracing.shutdown()

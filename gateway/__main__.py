@@ -17,6 +17,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.connections import header_timeout_protocol
 from gateway.config import GatewayConfig
+from gateway.drain import DrainingServer
 from mmserve.rpc.flags import parse_with_env
 
 ENV_PREFIX = "MMSERVE_GATEWAY_"
@@ -64,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PEM client certificate for the LLM service (mTLS)")
     parser.add_argument("--llm-tls-key", default=None,
                         help="PEM key of --llm-tls-cert")
+    parser.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s,
+                        help="seconds in-flight requests get to finish after SIGTERM while "
+                             "/ready answers 503 and new requests get 503 (keep below the "
+                             "pod's terminationGracePeriodSeconds)")
+    parser.add_argument("--max-concurrent-per-key", type=int, default=None,
+                        help="API requests in flight per API key; more get 429 (default: "
+                             "no per-key limit)")
+    parser.add_argument("--internal-token-file", default=None,
+                        help="file with the shared token the LLM service requires "
+                             "(deployments without mTLS; see deploy/README.md)")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="host:port of an OTLP/gRPC collector: export traces (needs the "
+                             "tracing extra; default: off)")
     parser.add_argument("--log-level", choices=_LOG_LEVELS,
                         default="info")
     parser.add_argument("--print-config", action="store_true",
@@ -94,7 +108,9 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         max_connections=args.max_connections,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         llm_tls_ca=args.llm_tls_ca, llm_tls_cert=args.llm_tls_cert,
-        llm_tls_key=args.llm_tls_key)
+        llm_tls_key=args.llm_tls_key, shutdown_grace_s=args.shutdown_grace_s,
+        max_concurrent_per_key=args.max_concurrent_per_key,
+        internal_token_file=args.internal_token_file, otlp_endpoint=args.otlp_endpoint or None)
 
 
 def server_options(config: GatewayConfig) -> dict[str, Any]:
@@ -118,9 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # access_log off: the gateway writes its own line per request, with tokens and timings.
-    uvicorn.run(create_app(config), host=config.host, port=config.port,
-                ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
-                log_level=args.log_level, access_log=False, **server_options(config))
+    app = create_app(config)
+    # uvicorn's own shutdown runs after the drain: by then only stragglers are left.
+    server = DrainingServer(uvicorn.Config(
+        app, host=config.host, port=config.port, ssl_certfile=config.ssl_certfile,
+        ssl_keyfile=config.ssl_keyfile, log_level=args.log_level, access_log=False,
+        timeout_graceful_shutdown=1, **server_options(config)), app.state.drain,
+        config.shutdown_grace_s)
+    server.run()
     return 0
 
 

@@ -48,6 +48,14 @@ class GatewayConfig:
     llm_tls_ca: str | None = None
     llm_tls_cert: str | None = None
     llm_tls_key: str | None = None
+    # Seconds in-flight requests get after SIGTERM; below the pod's terminationGracePeriodSeconds.
+    shutdown_grace_s: float = 30.0
+    # API requests in flight per API key; None: no per-key limit.
+    max_concurrent_per_key: int | None = None
+    # File with the shared token sent to the LLM service (deployments without mTLS).
+    internal_token_file: str | None = None
+    # OTLP/gRPC collector (host:port) for traces; None: tracing off.
+    otlp_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -74,6 +82,10 @@ class GatewayConfig:
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
              f"ssl_certfile and ssl_keyfile go together, got certfile={self.ssl_certfile!r} "
              f"keyfile={self.ssl_keyfile!r}"),
+            (self.shutdown_grace_s >= 0,
+             f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}"),
+            (self.max_concurrent_per_key is None or self.max_concurrent_per_key >= 1,
+             f"max_concurrent_per_key must be >= 1, got {self.max_concurrent_per_key}"),
         ]
         problems = [message for ok, message in checks if not ok]
         problems += self.llm_tls.problems("llm_tls_", server=False)

@@ -20,7 +20,9 @@ from gateway.protocol import (
     ContentPart,
     GenerationRequest,
 )
+from mmserve.rpc.auth import read_token, token_interceptors
 from mmserve.rpc.tls import channel_credentials
+from mmserve.tracing import client_interceptors
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
 
 # The whole-server entry of the standard health service, the one Kubernetes' gRPC probes ask.
@@ -39,10 +41,14 @@ class LLMClient:
     """
 
     def __init__(self, address: str, request_timeout_s: float,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 token: bytes | None = None, traced: bool = False) -> None:
         options = [("grpc.lb_policy_name", "round_robin")]
-        self._channel = (grpc.aio.secure_channel(address, credentials, options=options)
-                         if credentials else grpc.aio.insecure_channel(address, options=options))
+        interceptors = token_interceptors(token) + client_interceptors(traced)
+        self._channel = (grpc.aio.secure_channel(address, credentials, options=options,
+                                                 interceptors=interceptors)
+                         if credentials else grpc.aio.insecure_channel(
+                             address, options=options, interceptors=interceptors))
         self._llm = llm_pb2_grpc.LLMStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._request_timeout_s = request_timeout_s
@@ -50,7 +56,8 @@ class LLMClient:
     @classmethod
     def from_config(cls, config: GatewayConfig) -> LLMClient:
         return cls(config.llm_address, config.request_timeout_s,
-                   channel_credentials(config.llm_tls))
+                   channel_credentials(config.llm_tls), read_token(config.internal_token_file),
+                   traced=config.otlp_endpoint is not None)
 
     def generate(self, request: llm_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
         """Starts the server-streaming call; `cancel()` on it aborts the generation."""

@@ -68,8 +68,10 @@ class RequestLogMiddleware:
             self._metrics.observe(record, route, status, elapsed_s)
             ttft = "-" if record.ttft_s is None else f"{record.ttft_s * 1000:.1f}"
             level = logging.DEBUG if route in PROBES and status < 500 else logging.INFO
-            logger.log(level, "id=%s method=%s route=%s status=%d prompt_tokens=%d "
-                       "completion_tokens=%d ttft_ms=%s ms=%.1f", record.request_id,
-                       scope["method"], route, status, record.prompt_tokens,
-                       record.completion_tokens, ttft, elapsed_s * 1000)
+            # The keys of the LLM service's and the encoder's call lines (mmserve.rpc.calls):
+            # one grep for request_id=<id> finds the request in all three services.
+            logger.log(level, "http=%s request_id=%s status=%d ms=%.1f method=%s "
+                       "prompt_tokens=%d completion_tokens=%d ttft_ms=%s", route,
+                       record.request_id, status, elapsed_s * 1000, scope["method"],
+                       record.prompt_tokens, record.completion_tokens, ttft)
 

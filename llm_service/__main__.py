@@ -60,6 +60,17 @@ def parse_args(argv: list[str] | None = None,
                    help="PEM client certificate for the encoder (mTLS)")
     p.add_argument("--encoder-tls-key", default=None,
                    help="PEM key of --encoder-tls-cert")
+    p.add_argument("--shutdown-grace-s", type=float, default=None,
+                   help="seconds in-flight streams get to finish after SIGTERM (default 30; "
+                        "keep below the pod's terminationGracePeriodSeconds)")
+    p.add_argument("--internal-token-file", default=None,
+                   help="file with a shared token: gRPC callers must send it, and it is sent "
+                        "to the encoder (for deployments without mTLS; see deploy/README.md)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics (vLLM names) over HTTP on this port")
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="host:port of an OTLP/gRPC collector: export traces (needs the "
+                        "tracing extra; default: tracing off)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     return parse_with_env(p, argv, ENV, os.environ if environ is None else environ)

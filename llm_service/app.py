@@ -19,7 +19,9 @@ from llm_service.readiness import watch_encoder
 from llm_service.server import LLMServicer, build_server, watch_health
 from llm_service.tokenizer import load_tokenizer
 from llm_service.weights import resolve_checkpoint
+from mmserve.rpc.auth import read_token, token_interceptors
 from mmserve.rpc.tls import channel_credentials, server_credentials
+from mmserve.tracing import Tracing, client_interceptors
 
 log = logging.getLogger("llm_service")
 
@@ -65,12 +67,15 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
     # Read before the model loads, so a missing certificate fails in a second, not a minute.
     server_creds = server_credentials(config.server_tls)
     encoder_creds = channel_credentials(config.encoder_tls)
+    token = read_token(config.internal_token_file)
+    tracing = Tracing.configure("mmserve-llm", config.otlp_endpoint)
     model_dir = await asyncio.to_thread(resolve_checkpoint, config.checkpoint, config.cache_dir)
     tokenizer = load_tokenizer(model_dir)
     family = load_family(config.family, tokenizer)
     engine = build_engine(config, model_dir)
     await engine.start()
-    encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir)
+    encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir,
+                             token_interceptors(token) + client_interceptors(tracing.enabled))
                if config.encoder_address else None)
     try:
         if encoder is not None:
@@ -80,8 +85,12 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
                     max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                     hidden_size=engine.hidden_size, engine=config.engine_kind,
                     max_num_seqs=engine.max_num_seqs)
-        server = build_server(LLMServicer(generator, engine, info))
+        servicer = LLMServicer(generator, engine, info)
+        server = build_server(servicer, token, tracing)
         port = await server.start(config.host, config.port, server_creds)
+        if config.metrics_port is not None:
+            metrics_http = servicer.metrics.serve(config.host, config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", config.host, metrics_http.server_port)
         watcher = asyncio.create_task(watch_health(engine, server))
         encoder_watch = (asyncio.create_task(watch_encoder(config.encoder_address,
                                                            encoder_creds, server))
@@ -92,15 +101,18 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
             ready.set_result(port)
         stop = stop or _signal_event()
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: draining for up to %.1f s", config.shutdown_grace_s)
         watcher.cancel()
         if encoder_watch is not None:
             encoder_watch.cancel()
-        await server.stop(config.grace_s)
+        await server.stop(config.shutdown_grace_s)
+        if config.metrics_port is not None:
+            metrics_http.shutdown()
     finally:
         await engine.shutdown()
         if encoder is not None:
             await encoder.close()
+        tracing.shutdown()
 
 
 def _signal_event() -> asyncio.Event:

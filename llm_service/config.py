@@ -29,7 +29,12 @@ class LLMConfig:
     shm_dir: str = "/dev/shm"  # must be the encoder's --shm-dir for same-host transfer
     engine_kind: str = "torch"
     engine_options: dict[str, Any] = field(default_factory=dict)  # engine: section of the YAML
-    grace_s: float = 5.0
+    # Seconds in-flight streams get after SIGTERM; keep it below the pod's
+    # terminationGracePeriodSeconds (Kubernetes' default 30 s, ours 45 s).
+    shutdown_grace_s: float = 30.0
+    internal_token_file: Path | None = None  # shared token required on, and sent over, gRPC
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any port
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces; None: tracing off
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # with it, gRPC clients must present a certificate it signed
@@ -53,6 +58,10 @@ class LLMConfig:
             raise ValueError(f"engine kind must be one of {ENGINE_KINDS}, got {self.engine_kind!r}")
         if self.max_media_items < 0:
             raise ValueError(f"max_media_items must be >= 0, got {self.max_media_items}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.encoder_wait_s < 0:
             raise ValueError(f"encoder_wait_s must be >= 0, got {self.encoder_wait_s}")
         problems = (self.server_tls.problems("tls_", server=True)
@@ -107,6 +116,11 @@ class LLMConfig:
             encoder_tls_cert=_path(getattr(args, "encoder_tls_cert", None)),
             encoder_tls_key=_path(getattr(args, "encoder_tls_key", None)),
             encoder_tls_ca=_path(getattr(args, "encoder_tls_ca", None)),
+            shutdown_grace_s=_first(getattr(args, "shutdown_grace_s", None),
+                                    default["shutdown_grace_s"]),
+            internal_token_file=_path(getattr(args, "internal_token_file", None)),
+            metrics_port=getattr(args, "metrics_port", None),
+            otlp_endpoint=getattr(args, "otlp_endpoint", None) or None,
         )
 
 

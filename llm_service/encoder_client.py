@@ -67,9 +67,10 @@ class EncoderInfo:
 
 class EncoderClient:
     def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None,
-                 shm_dir: str | None = None) -> None:
+                 shm_dir: str | None = None,
+                 interceptors: list[grpc.aio.ClientInterceptor] | None = None) -> None:
         """`shm_dir`: offer same-host transfer through this directory when it is writable;
-        None or empty: rows always come in-band."""
+        None or empty: rows always come in-band. `interceptors`: e.g. the internal token."""
         options = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.lb_policy_name", "round_robin"),
@@ -78,8 +79,9 @@ class EncoderClient:
         if not addresses:
             raise ValueError("encoder address must not be empty")
         self._channels = [
-            grpc.aio.secure_channel(a, credentials, options=options) if credentials
-            else grpc.aio.insecure_channel(a, options=options)
+            grpc.aio.secure_channel(a, credentials, options=options, interceptors=interceptors)
+            if credentials
+            else grpc.aio.insecure_channel(a, options=options, interceptors=interceptors)
             for a in addresses
         ]
         self._stubs = [encoder_pb2_grpc.EncoderStub(c) for c in self._channels]

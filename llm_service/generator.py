@@ -27,6 +27,7 @@ from llm_service.errors import InvalidRequest, Unavailable
 from llm_service.prompt.families import PromptFamily
 from llm_service.prompt.messages import MediaItem, Message, Modality, media_count
 from llm_service.prompt.template import check_messages
+from mmserve.tracing import span
 from mmserve.wire.media import EncodedItem
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Chunk:
 class Timings:
     encode_ms: float  # the media's Encode calls (concurrent); 0 without media
     prefill_ms: float  # engine submission -> first token: queueing and prefill
+    queue_ms: float = 0.0  # of that, waiting in the engine's queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +159,8 @@ class Generator:
                 timings = None
                 if first:
                     timings = Timings(prepared.encode_ms,
-                                      ((first_token_at or submitted) - submitted) * 1e3)
+                                      ((first_token_at or submitted) - submitted) * 1e3,
+                                      out.queue_time_s * 1e3)
                 yield Chunk(out.index, text, list(new_ids), finish, usage,
                             self._logprobs(entries), handles if first else (), timings)
                 first = False
@@ -209,8 +212,9 @@ class Generator:
         if media and self._encoder is not None:
             await check_media_fit(self._encoder, self._tokenizer, messages, media,
                                   self._engine.max_model_len, inp.request_id, inp.timeout)
-        encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
-                   if self._encoder is not None and media else [])
+        with span("encode", items=len(media)):  # the encoder's spans are its children
+            encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
+                       if self._encoder is not None and media else [])
         encode_ms = (time.monotonic() - encode_started) * 1e3 if media else 0.0
         text = self._family.template.render(messages, encoded)
         slots = [item for items in encoded for item in items]

@@ -13,11 +13,13 @@ from typing import Any
 import grpc
 
 from llm_service.engine.protocol import EngineClient, FinishReason, SamplingParams
-from llm_service.errors import STATUS, InvalidRequest
+from llm_service.errors import STATUS, InvalidRequest, Overloaded
 from llm_service.generator import Chunk, GenerateInput, Generator
+from llm_service.metrics import LLMMetrics
 from llm_service.prompt.messages import MediaItem, Message, Modality, Part, TextPart
 from mmserve.rpc.calls import Call, rpc_method, status_for
 from mmserve.rpc.server import GrpcServer
+from mmserve.tracing import Tracing, record_span
 from mmserve.wire.convert import ref_from_pb
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
 
@@ -134,28 +136,52 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
     """Thin: decodes requests, calls the Generator, encodes responses."""
 
     def __init__(self, generator: Generator, engine: EngineClient,
-                 model_info: Mapping[str, Any]) -> None:
+                 model_info: Mapping[str, Any], metrics: LLMMetrics | None = None) -> None:
         self._generator = generator
         self._engine = engine
         self._info = dict(model_info)
+        self.metrics = metrics or LLMMetrics(str(self._info.get("model_id", "")), engine.stats)
 
     @rpc
     async def Generate(self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
                        call: Call) -> AsyncIterator[llm_pb2.GenerateResponse]:
         started = time.perf_counter()
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
+        timer, finish, admitted, first_ns = self.metrics.request(), None, True, 0
         try:
             # A client that goes away cancels this; the generator's cleanup aborts the engine.
             async for chunk in self._generator.generate(
                     input_from_pb(request, context, call.request_id)):
                 if "ttft_ms" not in call.fields and chunk.token_ids:
                     call.fields["ttft_ms"] = round((time.perf_counter() - started) * 1e3)
+                timer.tokens(len(chunk.token_ids))
+                if chunk.timings is not None and chunk.token_ids:
+                    first_ns = time.time_ns()
+                    record_span("prefill", first_ns - int(chunk.timings.prefill_ms * 1e6),
+                                queue_ms=chunk.timings.queue_ms)
+                if chunk.timings is not None:
+                    timer.timings(chunk.timings.queue_ms / 1e3, chunk.timings.encode_ms / 1e3,
+                                  bool(request.messages.messages) and chunk.timings.encode_ms > 0)
                 if chunk.usage is not None:
-                    prompt_tokens = chunk.usage.prompt_tokens
+                    prompt_tokens, cached_tokens = (chunk.usage.prompt_tokens,
+                                                    chunk.usage.cached_tokens)
                     completion_tokens += chunk.usage.completion_tokens
+                    finish = chunk.finish_reason
                 yield chunk_to_pb(chunk)
+        except Overloaded:
+            admitted = False
+            # Truthful back-off: the queue ahead of this request over the measured drain rate.
+            wait = self.metrics.drain.retry_after_s(self._engine.stats().waiting)
+            context.set_trailing_metadata((("retry-after", str(wait)),))
+            call.fields["retry_after_s"] = wait
+            raise
         finally:
             call.fields.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            if first_ns:
+                record_span("decode", first_ns, completion_tokens=completion_tokens)
+            if admitted:
+                timer.finish(prompt_tokens, cached_tokens, completion_tokens,
+                             None if finish is None else finish.name.lower())
 
     @rpc
     async def GetModelInfo(self, request: llm_pb2.ModelInfoRequest,
@@ -183,10 +209,12 @@ async def watch_health(engine: EngineClient, server: GrpcServer, interval: float
         await asyncio.sleep(interval)
 
 
-def build_server(servicer: LLMServicer) -> GrpcServer:
+def build_server(servicer: LLMServicer, token: bytes | None = None,
+                 tracing: Tracing | None = None) -> GrpcServer:
     """The LLM service, health and reflection on one server; start() binds it."""
     limit = 64 * 1024 * 1024  # above the gateway body cap: inline media must fit
     server = GrpcServer(SERVICE_NAME, options=[("grpc.max_send_message_length", limit),
-                                               ("grpc.max_receive_message_length", limit)])
+                                               ("grpc.max_receive_message_length", limit)],
+                        token=token, tracing=tracing)
     llm_pb2_grpc.add_LLMServicer_to_server(servicer, server.grpc)
     return server

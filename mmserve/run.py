@@ -188,7 +188,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-async def shutdown(procs: dict[str, asyncio.subprocess.Process], grace: float = 10.0) -> None:
+async def shutdown(procs: dict[str, asyncio.subprocess.Process], grace: float = 35.0) -> None:
+    """SIGTERM each service in turn; each drains (30 s at most by default, at once when idle)
+    and gets killed only after `grace`."""
     for name in ("gateway", "llm", "encoder"):
         proc = procs.get(name)
         if proc is None or proc.returncode is not None:

@@ -17,8 +17,10 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the LLM service's gRPC health check reports SERVING, and so does the
-    encoder behind it, when it has one."""
+    """Readiness: not draining, the LLM service's gRPC health check reports SERVING, and so
+    does the encoder behind it, when it has one."""
+    if request.app.state.drain.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     llm = request.app.state.llm
     if not await llm.is_serving():
         return JSONResponse({"status": "unavailable", "reason": "llm"}, status_code=503)

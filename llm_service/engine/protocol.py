@@ -116,6 +116,7 @@ class EngineOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None  # set when the engine failed this request
+    queue_time_s: float = 0.0  # waited in the queue before first scheduled
 
     @property
     def finished(self) -> bool:

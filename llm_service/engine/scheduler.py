@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -172,6 +173,8 @@ class Scheduler:
             self.num_hit_tokens += seq.num_computed_tokens
             if not seq.num_output_tokens:
                 seq.num_cached_tokens = seq.num_computed_tokens
+            if seq.queue_time_s is None:
+                seq.queue_time_s = time.monotonic() - seq.queued_at
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=self._key)
             out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, n,
@@ -223,6 +226,7 @@ class Scheduler:
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=(logprob,) if logprob is not None else (),
             error=seq.error,
+            queue_time_s=seq.queue_time_s or 0.0,
         )
 
     def _new_seq_id(self) -> int:

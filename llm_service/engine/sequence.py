@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+
 import enum
+import time
 
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, FinishReason, SamplingParams
 
@@ -37,7 +39,7 @@ class Sequence:
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "sampling", "spans",
         "stop_token_ids", "priority", "arrival", "max_total_tokens", "block_table",
         "block_hashes", "num_hashed_blocks", "num_computed_tokens", "num_cached_tokens",
-        "num_pending_forks", "status", "error",
+        "num_pending_forks", "status", "error", "queued_at", "queue_time_s",
     )
 
     def __init__(self, seq_id: int, request: EngineRequest, arrival: int, max_model_len: int,
@@ -66,6 +68,8 @@ class Sequence:
         self.num_pending_forks = sampling.n - 1 if index == 0 else 0
         self.status = SequenceStatus.WAITING
         self.error: str | None = None
+        self.queued_at = time.monotonic()
+        self.queue_time_s: float | None = None  # queued -> first scheduled
 
     def __len__(self) -> int:
         return len(self.token_ids)

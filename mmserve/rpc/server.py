@@ -5,6 +5,8 @@
     port = await server.start(host, port, credentials)   # health NOT_SERVING
     await server.set_serving(True)                       # once the model is loaded
     await server.stop(grace)                             # NOT_SERVING, then drain
+
+A server given an internal token (mmserve.rpc.auth) refuses calls without it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from mmserve.rpc.auth import TokenCheck
+from mmserve.rpc.drain import Drain
+from mmserve.tracing import ServerTracing, Tracing
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -29,9 +35,16 @@ class GrpcServer:
     """A grpc.aio server serving `service_name`, the standard health service (the whole
     server, "", and the service by name report the same status) and reflection."""
 
-    def __init__(self, service_name: str, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(self, service_name: str, options: Sequence[tuple[str, Any]] = (),
+                 token: bytes | None = None, tracing: Tracing | None = None) -> None:
         self.service_name = service_name
-        self.grpc = grpc.aio.server(options=list(options))
+        self.drain = Drain()
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.drain]
+        if tracing is not None and tracing.enabled:
+            interceptors.insert(0, ServerTracing(tracing, service_name.rsplit(".", 1)[-1]))
+        if token is not None:
+            interceptors.insert(0, TokenCheck(token))  # unauthenticated calls are not counted
+        self.grpc = grpc.aio.server(options=list(options), interceptors=interceptors)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -59,6 +72,10 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
-        """Reports NOT_SERVING, lets in-flight calls finish for `grace` seconds, then stops."""
+        """Reports NOT_SERVING and refuses new calls (UNAVAILABLE), lets in-flight calls
+        finish for up to `grace` seconds, then stops (cancelling whatever still runs)."""
+        await self.set_serving(False)
+        self.drain.start()
+        left = await self.drain.wait(grace)
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
+        await self.grpc.stop(min(left, 1.0))

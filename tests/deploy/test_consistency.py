@@ -160,7 +160,9 @@ def test_k8s_ports_probes_and_addresses_line_up(overlay):
         args = c["command"] + c["args"]
         port = int(flag_value(args, "--port"))
         ports[name] = port
-        assert [p["containerPort"] for p in c["ports"]] == [port], name
+        metrics = flag_value(args, "--metrics-port")  # Prometheus, beside the service port
+        expected = [port] + ([int(metrics)] if metrics else [])
+        assert [p["containerPort"] for p in c["ports"]] == expected, name
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             if kind in c:
                 probe = c[kind].get("grpc") or c[kind].get("httpGet")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from deploy_files import K8S, ROOT, objects, render_overlay
+from deploy_files import K8S, ROOT, flag_value, objects, render_overlay
 
 try:
     import kubernetes_validate
@@ -98,6 +98,15 @@ def test_probes_resources_and_security(rendered):
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_pods_outlast_the_services_drain(rendered):
+    """SIGKILL (terminationGracePeriodSeconds) comes only after each service's drain."""
+    for name, deployment in objects(rendered, "Deployment").items():
+        grace = flag_value(container(deployment)["args"], "--shutdown-grace-s")
+        assert grace is not None, f"{name} sets no --shutdown-grace-s"
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= float(grace) + 10, name
 
 
 def test_gpus_only_in_the_gpu_overlay_on_separate_pools(rendered, overlay):

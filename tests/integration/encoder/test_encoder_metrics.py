@@ -68,3 +68,15 @@ async def test_metrics_follow_the_work(tmp_path):
     assert done[("mmserve_encoder_tiles_total", ())] == 1 + 7 + 13 + 13  # 640x480: 4x3 + thumbnail
     assert done[("mmserve_encoder_tower_calls_total", ())] == 3
     assert done[("mmserve_encoder_content_store_bytes", ())] > 0
+    # Per-stage histograms: three items went through the tower, all four OK calls were
+    # fetched, decoded and handed over in-band; the 7 queued tiles waited for the tower.
+    stage = "mmserve:encoder_stage_seconds"
+    for name in ("preprocess", "queue", "tower", "merge"):
+        assert done[(f"{stage}_count", (("stage", name),))] == 3, name
+    assert done[(f"{stage}_count", (("stage", "fetch"),))] >= 4
+    assert done[(f"{stage}_count", (("stage", "decode"),))] >= 4
+    assert done[(f"{stage}_sum", (("stage", "queue"),))] > 0
+    inband = (("transport", "inband"),)
+    assert done[("mmserve:encoder_transfer_seconds_count", inband)] == 4
+    rows = (1 + 7 + 13 + 13) * 256  # 256 rows per tile, the cached item's too
+    assert done[("mmserve:encoder_transfer_bytes_sum", inband)] == rows * 576 * 4  # float32

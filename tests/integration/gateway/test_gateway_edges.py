@@ -193,10 +193,9 @@ async def test_one_log_line_per_request(client, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="gateway.requests"):
         response = await client.post("/v1/chat/completions", json=CHAT)
     line, = [r.getMessage() for r in caplog.records if r.name == "gateway.requests"]
-    assert line.startswith(f"id={response.headers['x-request-id']} method=POST "
-                           "route=/v1/chat/completions status=200 prompt_tokens=3 "
-                           "completion_tokens=4 ttft_ms=")
-    assert " ms=" in line
+    assert line.startswith(f"http=/v1/chat/completions "
+                           f"request_id={response.headers['x-request-id']} status=200 ms=")
+    assert " method=POST prompt_tokens=3 completion_tokens=4 ttft_ms=" in line
 
 
 @pytest.mark.parametrize(("route", "body", "param"), [
@@ -232,7 +231,7 @@ async def test_probes_log_at_debug_and_requests_at_info(client, caplog) -> None:
     with caplog.at_level(logging.DEBUG, logger="gateway.requests"):
         await client.get("/health")
         await client.post("/v1/chat/completions", json=CHAT)
-    levels = {r.getMessage().split(" route=")[1].split(" ")[0]: r.levelno
+    levels = {r.getMessage().split(" ")[0].removeprefix("http="): r.levelno
               for r in caplog.records if r.name == "gateway.requests"}
     assert levels == {"/health": logging.DEBUG, "/v1/chat/completions": logging.INFO}
 
