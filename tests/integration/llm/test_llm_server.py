@@ -174,7 +174,7 @@ async def test_cancel_aborts_engine_request(served):
         role="user", content=[llm_pb2.ContentPart(image=common_pb2.MediaRef(url="data:x"))])])),
      grpc.StatusCode.INVALID_ARGUMENT, "no encoder"),
     (llm_pb2.GenerateRequest(messages=llm_pb2.Messages(messages=[llm_pb2.ChatMessage(
-        role="tool", content=[llm_pb2.ContentPart(text="x")])])),
+        role="function", content=[llm_pb2.ContentPart(text="x")])])),
      grpc.StatusCode.INVALID_ARGUMENT, "role"),
 ])
 async def test_bad_requests_get_clear_status(served, request_, code, words):
