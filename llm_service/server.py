@@ -12,7 +12,12 @@ from typing import Any
 
 import grpc
 
-from llm_service.engine.protocol import EngineClient, FinishReason, SamplingParams
+from llm_service.engine.protocol import (
+    EngineClient,
+    FinishReason,
+    SamplingParams,
+    StructuredOutput,
+)
 from llm_service.errors import STATUS, InvalidRequest
 from llm_service.generator import Chunk, GenerateInput, Generator
 from llm_service.prompt.messages import MediaItem, Message, Modality, Part, TextPart, ToolCall
@@ -45,16 +50,33 @@ def grpc_status(exc: BaseException) -> grpc.StatusCode:
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "seed", "repetition_penalty", "logprobs")
 
 
+def structured_from_pb(pb: llm_pb2.StructuredOutput) -> StructuredOutput | None:
+    """SamplingParams.structured; unset (or json_object false) is free text."""
+    kind = pb.WhichOneof("kind")
+    try:
+        if kind is None or (kind == "json_object" and not pb.json_object):
+            return None
+        if kind == "json_object":
+            return StructuredOutput("json_object")
+        if kind == "choice":
+            return StructuredOutput("choice", choices=tuple(pb.choice.choices))
+        return StructuredOutput(kind, spec=getattr(pb, kind))
+    except ValueError as exc:
+        raise InvalidRequest(f"sampling.structured.{kind}: {exc}") from None
+
+
 def sampling_from_pb(pb: llm_pb2.SamplingParams) -> tuple[SamplingParams, tuple[str, ...], bool]:
     optional = {name: getattr(pb, name) for name in _OPTIONAL if pb.HasField(name)}
+    structured = structured_from_pb(pb.structured) if pb.HasField("structured") else None
     try:
         params = SamplingParams(
             top_k=pb.top_k, min_p=pb.min_p, stop_token_ids=tuple(pb.stop_token_ids),
             ignore_eos=pb.ignore_eos, min_tokens=pb.min_tokens,
             presence_penalty=pb.presence_penalty, frequency_penalty=pb.frequency_penalty,
-            n=pb.n or 1, **optional)
+            n=pb.n or 1, logit_bias=tuple(sorted(pb.logit_bias.items())),
+            structured=structured, **optional)
     except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise InvalidRequest(f"sampling.{exc}") from None
     if any(not s for s in pb.stop):
         raise InvalidRequest("stop strings must not be empty")
     skip = pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True

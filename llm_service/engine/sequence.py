@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from llm_service.engine.grammar import GrammarState
 
 
 class SequenceStatus(enum.IntEnum):
@@ -37,11 +41,11 @@ class Sequence:
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "sampling", "spans",
         "stop_token_ids", "priority", "arrival", "max_total_tokens", "block_table",
         "block_hashes", "num_hashed_blocks", "num_computed_tokens", "num_cached_tokens",
-        "num_pending_forks", "status", "error",
+        "num_pending_forks", "status", "error", "grammar",
     )
 
     def __init__(self, seq_id: int, request: EngineRequest, arrival: int, max_model_len: int,
-                 index: int = 0) -> None:
+                 index: int = 0, grammar: GrammarState | None = None) -> None:
         sampling = request.sampling
         self.seq_id = seq_id
         self.request_id = request.request_id
@@ -66,6 +70,8 @@ class Sequence:
         self.num_pending_forks = sampling.n - 1 if index == 0 else 0
         self.status = SequenceStatus.WAITING
         self.error: str | None = None
+        # Structured output: this choice's place in its grammar, advanced with each token.
+        self.grammar = grammar
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -117,4 +123,5 @@ class Sequence:
         child.num_computed_tokens = 0
         child.num_pending_forks = 0
         child.status = SequenceStatus.RUNNING
+        child.grammar = self.grammar.fresh() if self.grammar is not None else None
         return child
