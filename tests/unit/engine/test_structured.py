@@ -65,6 +65,14 @@ def test_unconstrained_rows_of_a_mixed_batch_sample_as_alone(compiler, tok):
     assert tok.decode([tokens[3]]).isdigit()
 
 
+def test_json_object_starts_an_object_and_may_not_stop_inside_it(compiler, tok):
+    logits = torch.zeros(1, VOCAB)
+    logits[0, EOS] = 50.0
+    seq = make_seq(0, compiler, StructuredOutput("json_object"), temperature=0.0)
+    tokens, _ = Sampler()(logits.clone(), [seq])
+    assert tok.decode(tokens).startswith("{")
+
+
 def test_a_constrained_greedy_row_takes_the_best_allowed_token(compiler, tok):
     logits = torch.full((1, VOCAB), -5.0)
     allowed = [t for t in range(VOCAB) if tok.decode([t]) in ("yes", "no")]
