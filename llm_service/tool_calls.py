@@ -120,6 +120,7 @@ class ToolCallParser:
         if request.mode is ChoiceMode.FUNCTION:
             self._names = {request.function}
         self._fmt = fmt
+        self._parallel = request.parallel
         self._constrained = request.constrained
         self._state = _State.HEAD if self._constrained else _State.TEXT
         self._buf = ""
@@ -167,6 +168,11 @@ class ToolCallParser:
         return self._step_raw(out)
 
     def _step_text(self, out: Parsed) -> bool:
+        if self._calls and not self._parallel:
+            # parallel_tool_calls false: one call at most; what follows it is text.
+            out.text += self._buf
+            self._buf = ""
+            return False
         start = self._fmt.call_start
         at = self._buf.find(start)
         if at >= 0:

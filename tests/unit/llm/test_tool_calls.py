@@ -122,3 +122,9 @@ def test_bad_tool_requests_are_refused():
         ToolRequest((WEATHER, WEATHER))
     with pytest.raises(InvalidRequest, match="at least one tool"):
         ToolRequest((), ChoiceMode.REQUIRED)
+
+
+def test_without_parallel_calls_only_the_first_call_counts():
+    text, calls, made, _ = parse(ToolRequest((WEATHER, ADD), parallel=False), HERMES, TWO_CALLS, 5)
+    assert made and [c[1] for c in calls] == ["get_weather"]
+    assert text.startswith("Checking. \n<tool_call>\n{\"name\": \"add\"")
