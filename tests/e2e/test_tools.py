@@ -96,7 +96,7 @@ def test_named_function_is_the_one_called(openai_client, mmserve_stack, idle_blo
 
 def test_a_conversation_with_a_tool_result_gets_an_answer(openai_client, mmserve_stack,
                                                           idle_blocks):
-    reply = openai_client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0,
+    reply = openai_client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
                                                   tools=TOOLS, messages=[
         *QUESTION,
         {"role": "assistant", "content": None, "tool_calls": [{
