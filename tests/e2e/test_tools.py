@@ -151,3 +151,19 @@ def test_grpc_clients_get_tool_calls(mmserve_stack, idle_blocks):
     assert responses[-1].finish_reason == llm_pb2.FINISH_REASON_TOOL_CALLS
     assert "".join(r.text for r in responses) == ""
     assert_idle(mmserve_stack, idle_blocks)
+
+
+def test_response_format_json_schema_streams_valid_json(openai_client, mmserve_stack,
+                                                        idle_blocks):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    stream = openai_client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=40, temperature=1.0, seed=5, stream=True,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "forecast", "schema": schema, "strict": True}})
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    jsonschema.validate(json.loads(text), schema)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert_idle(mmserve_stack, idle_blocks)
