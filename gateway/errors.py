@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from gateway.protocol import ErrorDetail, ErrorResponse
+from gateway.request_model import FieldError
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"the request body is not valid JSON ({error.get('ctx', {}).get('error', '')})"
     message = str(error["msg"]).removeprefix("Value error, ")
     param = _param(error["loc"])
+    if error["type"] == "extra_forbidden":
+        message = "not supported by this server; remove it (see the README's list of fields)"
     if param is None and error["type"] == "missing":
         return "a JSON request body is required"
     return f"{param}: {message}" if param else message
@@ -143,6 +146,10 @@ def install_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return from_validation(exc).response()
 
+    async def field_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FieldError)
+        return APIError(400, exc.message, param=exc.param).response()
+
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
@@ -160,6 +167,7 @@ def install_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(FieldError, field_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(grpc.aio.AioRpcError, rpc_error)
     app.add_exception_handler(ClientDisconnected, client_gone)

@@ -23,6 +23,7 @@ FINISH_REASONS: dict[int, FinishReason] = {
     llm_pb2.FINISH_REASON_STOP: "stop",
     llm_pb2.FINISH_REASON_LENGTH: "length",
     llm_pb2.FINISH_REASON_ABORT: "abort",
+    llm_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -41,6 +42,16 @@ class ChoiceOutput:
     text: str = ""
     logprobs: list[llm_pb2.TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # The choice's tool calls, each its streamed deltas concatenated.
+    tool_calls: list[llm_pb2.ToolCall] = field(default_factory=list)
+
+    def add_tool_call_delta(self, delta: llm_pb2.ToolCallDelta) -> None:
+        while len(self.tool_calls) <= delta.index:
+            self.tool_calls.append(llm_pb2.ToolCall())
+        call = self.tool_calls[delta.index]
+        call.id += delta.id
+        call.name += delta.name
+        call.arguments += delta.arguments
 
 
 class Generation:
@@ -94,6 +105,8 @@ class Generation:
                 choice = choices[response.index]
                 choice.text += response.text
                 choice.logprobs.extend(response.logprobs)
+                for delta in response.tool_calls:
+                    choice.add_tool_call_delta(delta)
                 if response.finish_reason:
                     choice.finish_reason = FINISH_REASONS[response.finish_reason]
         finally:

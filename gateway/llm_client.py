@@ -16,11 +16,13 @@ from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     ContentPart,
     GenerationRequest,
 )
 from mmserve.rpc.auth import read_token, token_interceptors
+from gateway.tools import tool_calls_to_pb
 from mmserve.rpc.tls import channel_credentials
 from mmserve.tracing import client_interceptors
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
@@ -94,16 +96,23 @@ class LLMClient:
 
 def chat_request_to_pb(request: ChatCompletionRequest, request_id: str,
                        model_id: str) -> llm_pb2.GenerateRequest:
-    messages = [
-        # Roles go as sent ("developer" too): the LLM service maps aliases, for gRPC callers too.
-        llm_pb2.ChatMessage(role=message.role, content=[
-            _part_to_pb(part, f"messages.{i}.content.{j}") for j, part in enumerate(message.content)
-        ])
-        for i, message in enumerate(request.messages)
-    ]
-    return llm_pb2.GenerateRequest(
+    messages = [_message_to_pb(message, f"messages.{i}")
+                for i, message in enumerate(request.messages)]
+    pb = llm_pb2.GenerateRequest(
         request_id=request_id, model=model_id, messages=llm_pb2.Messages(messages=messages),
         sampling=_sampling_to_pb(request, request.output_limit, request.num_logprobs))
+    request.tools_to_pb(pb)
+    return pb
+
+
+def _message_to_pb(message: ChatMessage, param: str) -> llm_pb2.ChatMessage:
+    # Roles go as sent ("developer" too): the LLM service maps aliases, for gRPC callers too.
+    return llm_pb2.ChatMessage(
+        role=message.role,
+        content=[_part_to_pb(part, f"{param}.content.{j}")
+                 for j, part in enumerate(message.content)],
+        tool_calls=tool_calls_to_pb(message.tool_calls, f"{param}.tool_calls"),
+        tool_call_id=message.tool_call_id or "", name=message.name or "")
 
 
 def completion_request_to_pb(request: CompletionRequest, request_id: str,
@@ -151,6 +160,8 @@ def _decode_base64(data: str, param: str) -> bytes:
 def _sampling_to_pb(request: GenerationRequest, max_tokens: int | None,
                     logprobs: int | None) -> llm_pb2.SamplingParams:
     return llm_pb2.SamplingParams(
+        logit_bias=request.logit_bias_ids,
+        structured=request.structured_to_pb(),
         max_tokens=max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,

@@ -15,46 +15,50 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-FinishReason = Literal["stop", "length", "abort"]
+from gateway.request_model import FieldError, RequestModel, TopLevelRequest
+from gateway.structured import StructuredFields
+from gateway.tools import ToolCall, ToolFields
+
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 # Counts and token ids travel as uint32 in the LLM service's protobuf messages.
 UINT32_END = 2**32
 
 
 class OpenAIModel(BaseModel):
-    # OpenAI ignores fields it does not know; clients written for newer API
-    # versions (or other servers) must keep working here.
+    """Responses: clients ignore what they do not know. Requests follow request_model's rule."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-# --- requests ---------------------------------------------------------------
+# --- requests (gateway.request_model: strict types, unknown fields are 400s) --
 
 
-class ImageURL(OpenAIModel):
+class ImageURL(RequestModel):
     url: str = Field(min_length=1)
     # Accepted for compatibility only: the encoder's per-family preprocessing
     # (tiling, slicing) decides the resolution.
     detail: Literal["auto", "low", "high"] = "auto"
 
 
-class InputAudio(OpenAIModel):
+class InputAudio(RequestModel):
     data: str = Field(min_length=1, description="base64-encoded audio file")
     format: str = Field(min_length=1, description="wav, mp3, ...")
 
 
-class AudioURL(OpenAIModel):
+class AudioURL(RequestModel):
     """An audio file by URL (http(s)://, data:, file://) or an `mm://sha256:` handle."""
 
     url: str = Field(min_length=1)
 
 
-class VideoURL(OpenAIModel):
+class VideoURL(RequestModel):
     """A video file the encoder samples into frames (the family's frame-index rule)."""
 
     url: str = Field(min_length=1)
     num_frames: int | None = Field(default=None, ge=1, le=64)
 
 
-class ContentPart(OpenAIModel):
+class ContentPart(RequestModel):
     """One part of a message; `type` names the field that carries the payload.
 
     A flat model rather than a tagged union keeps validation errors at paths a
@@ -78,6 +82,8 @@ class ContentPart(OpenAIModel):
 
 
 def _content_parts(content: Any) -> Any:
+    if content is None:
+        return []
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if isinstance(content, list):
@@ -85,13 +91,29 @@ def _content_parts(content: Any) -> Any:
     raise ValueError("content must be a string or an array of content parts")
 
 
-class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    # A plain string arrives here as one text part.
-    content: Annotated[list[ContentPart], BeforeValidator(_content_parts)]
+class ChatMessage(RequestModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # A plain string arrives here as one text part; an assistant turn with tool calls may
+    # have none.
+    content: Annotated[list[ContentPart], BeforeValidator(_content_parts)] = Field(
+        default_factory=list)
+    # A participant's name (shown by templates that have a place for it, else ignored).
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry tool calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id: a tool message needs one, and only a tool message")
+        if not self.content and not self.tool_calls:
+            raise ValueError("content: required unless the assistant message has tool_calls")
+        return self
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
@@ -123,7 +145,24 @@ def _lone_surrogate(value: Any, path: str) -> str | None:
     return None
 
 
-class GenerationRequest(OpenAIModel):
+def _logit_bias(bias: Any) -> Any:
+    if isinstance(bias, dict):
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"{len(bias)} entries; the limit is {MAX_LOGIT_BIAS}")
+        too_big = [key for key in bias if isinstance(key, str) and key.isdigit()
+                   and int(key) >= UINT32_END]
+        if too_big:
+            raise ValueError(f"token id {too_big[0]} is out of range")
+    return bias
+
+
+# OpenAI's own limit on logit_bias entries.
+MAX_LOGIT_BIAS = 300
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+
+
+class GenerationRequest(TopLevelRequest, StructuredFields):
     """Fields shared by chat and completions, with vLLM's sampling extensions."""
 
     @model_validator(mode="before")
@@ -151,7 +190,8 @@ class GenerationRequest(OpenAIModel):
     stop: Annotated[list[str], BeforeValidator(_stop_list)] = Field(default_factory=list)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    user: str | None = None
+    # Token id (as a string, as OpenAI sends it) -> bias added to its logit.
+    logit_bias: Annotated[dict[TokenIdKey, Bias] | None, BeforeValidator(_logit_bias)] = None
     # vLLM extensions.
     top_k: int | None = Field(default=None, ge=-1, lt=UINT32_END,
                               description="-1 or 0 disables top-k")
@@ -162,12 +202,22 @@ class GenerationRequest(OpenAIModel):
     skip_special_tokens: bool = True
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=UINT32_END)]] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "only allowed when stream is true")
+        return self
+
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(token): value for token, value in (self.logit_bias or {}).items()}
 
-class ChatCompletionRequest(GenerationRequest):
+
+class ChatCompletionRequest(GenerationRequest, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, lt=UINT32_END)
     logprobs: bool = False
@@ -239,9 +289,29 @@ class Usage(OpenAIModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class ResponseFunctionCall(OpenAIModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    # null when the turn is only tool calls, as OpenAI sends it.
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_when_made(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(OpenAIModel):
@@ -261,9 +331,32 @@ class ChatCompletion(OpenAIModel):
     usage: Usage
 
 
+class FunctionCallDelta(OpenAIModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ToolCallDelta(OpenAIModel):
+    """OpenAI's streamed call: index, id, type and name first, then argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _only_set_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class ChatDelta(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_set_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from llm_service.errors import InvalidRequest, Unavailable
 from llm_service.prompt.families import PromptFamily
 from llm_service.prompt.messages import MediaItem, Message, Modality, media_count
 from llm_service.prompt.template import check_messages
+from llm_service.prompt.tools import ToolFormat
+from llm_service.tool_calls import Parsed, ToolCallDelta, ToolCallParser, ToolRequest
 from mmserve.tracing import span
 from mmserve.wire.media import EncodedItem
 
@@ -44,6 +46,7 @@ class GenerateInput:
     skip_special_tokens: bool = True
     priority: int = 0
     timeout: float | None = None
+    tools: ToolRequest | None = None  # chat only: the functions the model may call
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,8 @@ class Chunk:
     logprobs: tuple[LogprobEntry, ...] = ()
     media_handles: tuple[str, ...] = ()  # on the first chunk: one handle per media item
     timings: Timings | None = None  # on the first chunk
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    made_tool_calls: bool = False  # with a finish reason: the choice ended in tool calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +98,20 @@ class Prepared:
 @dataclass(slots=True)
 class _Choice:
     detok: IncrementalDetokenizer
+    tools: ToolCallParser | None = None
     tokens: int = 0
     done: bool = False
+
+    def parse(self, text: str, finished: bool) -> Parsed:
+        """The text as plain text and tool-call deltas (all plain text without tools)."""
+        if self.tools is None:
+            return Parsed(text)
+        parsed = self.tools.feed(text)
+        if finished:
+            rest = self.tools.finish()
+            parsed.text += rest.text
+            parsed.calls += rest.calls
+        return parsed
 
 
 class Generator:
@@ -109,6 +126,11 @@ class Generator:
         self._encoder = encoder
         self._max_media_items = max_media_items
 
+    @property
+    def tool_format(self) -> ToolFormat:
+        """The family's tool syntax (its calls' wrapper key names the arguments)."""
+        return self._family.tools
+
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
         started = time.monotonic()
         prepared = await self._prepare(inp)
@@ -122,8 +144,12 @@ class Generator:
             eos_token_ids=() if inp.sampling.ignore_eos else self._family.stop_token_ids,
             priority=inp.priority,
         )
+        tool_format = self._family.tools
+        # A format whose markers are special tokens needs them in the text to find the calls.
+        skip = inp.skip_special_tokens and not (inp.tools and tool_format.special_markers)
         choices = [
-            _Choice(IncrementalDetokenizer(self._tokenizer, inp.stop, inp.skip_special_tokens))
+            _Choice(IncrementalDetokenizer(self._tokenizer, inp.stop, skip),
+                    ToolCallParser(inp.tools, tool_format) if inp.tools else None)
             for _ in range(inp.sampling.n)
         ]
         first_token_at = None
@@ -161,8 +187,12 @@ class Generator:
                     timings = Timings(prepared.encode_ms,
                                       ((first_token_at or submitted) - submitted) * 1e3,
                                       out.queue_time_s * 1e3)
-                yield Chunk(out.index, text, list(new_ids), finish, usage,
-                            self._logprobs(entries), handles if first else (), timings)
+                parsed = choice.parse(text, finish is not None)
+                made_calls = finish is not None and choice.tools is not None \
+                    and choice.tools.made_calls
+                yield Chunk(out.index, parsed.text, list(new_ids), finish, usage,
+                            self._logprobs(entries), handles if first else (), timings,
+                            tuple(parsed.calls), made_calls)
                 first = False
                 if all(c.done for c in choices):
                     break
@@ -216,7 +246,7 @@ class Generator:
             encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
                        if self._encoder is not None and media else [])
         encode_ms = (time.monotonic() - encode_started) * 1e3 if media else 0.0
-        text = self._family.template.render(messages, encoded)
+        text = self._family.render(messages, encoded, inp.tools.tools if inp.tools else ())
         slots = [item for items in encoded for item in items]
         prompt = self._family.builder.build(
             text, [(Modality.IMAGE if item.frame else part.modality, item.num_tokens)

@@ -12,11 +12,17 @@ from typing import Any
 
 import grpc
 
-from llm_service.engine.protocol import EngineClient, FinishReason, SamplingParams
+from llm_service.engine.protocol import (
+    EngineClient,
+    FinishReason,
+    SamplingParams,
+    StructuredOutput,
+)
 from llm_service.errors import STATUS, InvalidRequest, Overloaded
 from llm_service.generator import Chunk, GenerateInput, Generator
 from llm_service.metrics import LLMMetrics
-from llm_service.prompt.messages import MediaItem, Message, Modality, Part, TextPart
+from llm_service.prompt.messages import MediaItem, Message, Modality, Part, TextPart, ToolCall
+from llm_service.tool_calls import ChoiceMode, ToolRequest, tools_from
 from mmserve.rpc.calls import Call, rpc_method, status_for
 from mmserve.rpc.server import GrpcServer
 from mmserve.tracing import Tracing, record_span
@@ -33,6 +39,8 @@ _FINISH = {
     FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
     FinishReason.ABORT: llm_pb2.FINISH_REASON_ABORT,
 }
+_CHOICE_MODE = {llm_pb2.TOOL_CHOICE_AUTO: ChoiceMode.AUTO,
+                llm_pb2.TOOL_CHOICE_REQUIRED: ChoiceMode.REQUIRED}
 
 
 def grpc_status(exc: BaseException) -> grpc.StatusCode:
@@ -44,16 +52,33 @@ def grpc_status(exc: BaseException) -> grpc.StatusCode:
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "seed", "repetition_penalty", "logprobs")
 
 
+def structured_from_pb(pb: llm_pb2.StructuredOutput) -> StructuredOutput | None:
+    """SamplingParams.structured; unset (or json_object false) is free text."""
+    kind = pb.WhichOneof("kind")
+    try:
+        if kind is None or (kind == "json_object" and not pb.json_object):
+            return None
+        if kind == "json_object":
+            return StructuredOutput("json_object")
+        if kind == "choice":
+            return StructuredOutput("choice", choices=tuple(pb.choice.choices))
+        return StructuredOutput(kind, spec=getattr(pb, kind))
+    except ValueError as exc:
+        raise InvalidRequest(f"sampling.structured.{kind}: {exc}") from None
+
+
 def sampling_from_pb(pb: llm_pb2.SamplingParams) -> tuple[SamplingParams, tuple[str, ...], bool]:
     optional = {name: getattr(pb, name) for name in _OPTIONAL if pb.HasField(name)}
+    structured = structured_from_pb(pb.structured) if pb.HasField("structured") else None
     try:
         params = SamplingParams(
             top_k=pb.top_k, min_p=pb.min_p, stop_token_ids=tuple(pb.stop_token_ids),
             ignore_eos=pb.ignore_eos, min_tokens=pb.min_tokens,
             presence_penalty=pb.presence_penalty, frequency_penalty=pb.frequency_penalty,
-            n=pb.n or 1, **optional)
+            n=pb.n or 1, logit_bias=tuple(sorted(pb.logit_bias.items())),
+            structured=structured, **optional)
     except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise InvalidRequest(f"sampling.{exc}") from None
     if any(not s for s in pb.stop):
         raise InvalidRequest("stop strings must not be empty")
     skip = pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True
@@ -89,13 +114,48 @@ def messages_from_pb(messages: Iterable[llm_pb2.ChatMessage]) -> list[Message]:
     out = []
     for m in messages:
         parts = tuple(p for p in map(_part_from_pb, m.content) if p is not None)
-        out.append(Message(role=m.role, parts=parts))
+        calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls)
+        out.append(Message(role=m.role, parts=parts, tool_calls=calls,
+                           tool_call_id=m.tool_call_id, name=m.name))
     return out
 
 
+def tools_from_pb(request: llm_pb2.GenerateRequest) -> ToolRequest | None:
+    """The request's tools and choice; None when the model is not offered any."""
+    choice = request.tool_choice
+    kind = choice.WhichOneof("choice")
+    if kind == "mode" and choice.mode == llm_pb2.TOOL_CHOICE_NONE:
+        return None
+    if not request.tools and kind is None:
+        return None
+    if request.WhichOneof("input") != "messages":
+        raise InvalidRequest("tools need chat messages as input")
+    mode = ChoiceMode.FUNCTION if kind == "function" else _CHOICE_MODE.get(
+        choice.mode, ChoiceMode.AUTO)
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+    tools = tools_from([(t.name, t.description, t.parameters) for t in request.tools])
+    return ToolRequest(tools, mode, choice.function, parallel)
+
+
+def with_tool_constraint(sampling: llm_pb2.SamplingParams, tools: ToolRequest | None,
+                         arguments_key: str) -> llm_pb2.SamplingParams:
+    """`required` and a named function hold the output to the call wrapper's JSON schema."""
+    if tools is None or not tools.constrained:
+        return sampling
+    if sampling.HasField("structured"):
+        raise InvalidRequest("tool_choice 'required' or a named function already constrains "
+                             "the output; drop the structured output (response_format)")
+    constrained = llm_pb2.SamplingParams()
+    constrained.CopyFrom(sampling)
+    constrained.structured.json_schema = tools.schema(arguments_key)
+    return constrained
+
+
 def input_from_pb(request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
-                  request_id: str = "") -> GenerateInput:
-    sampling, stop, skip = sampling_from_pb(request.sampling)
+                  request_id: str = "", arguments_key: str = "arguments") -> GenerateInput:
+    tools = tools_from_pb(request)
+    sampling, stop, skip = sampling_from_pb(with_tool_constraint(request.sampling, tools,
+                                                                 arguments_key))
     kind = request.WhichOneof("input")
     return GenerateInput(
         request_id=request_id or request.request_id or uuid.uuid4().hex,
@@ -107,13 +167,19 @@ def input_from_pb(request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerCo
         skip_special_tokens=skip,
         priority=request.priority,
         timeout=context.time_remaining(),
+        tools=tools,
     )
 
 
 def chunk_to_pb(chunk: Chunk) -> llm_pb2.GenerateResponse:
+    finish = _FINISH[chunk.finish_reason]
+    if chunk.made_tool_calls and chunk.finish_reason == FinishReason.STOP:
+        finish = llm_pb2.FINISH_REASON_TOOL_CALLS
     reply = llm_pb2.GenerateResponse(
         index=chunk.index, text=chunk.text, token_ids=chunk.token_ids,
-        finish_reason=_FINISH[chunk.finish_reason], media_handles=chunk.media_handles,
+        finish_reason=finish, media_handles=chunk.media_handles,
+        tool_calls=[llm_pb2.ToolCallDelta(index=d.index, id=d.id, name=d.name,
+                                          arguments=d.arguments) for d in chunk.tool_calls],
     )
     if chunk.timings is not None:
         reply.timings.CopyFrom(llm_pb2.Timings(encode_ms=chunk.timings.encode_ms,
@@ -150,8 +216,9 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
         timer, finish, admitted, first_ns = self.metrics.request(), None, True, 0
         try:
             # A client that goes away cancels this; the generator's cleanup aborts the engine.
+            arguments_key = self._generator.tool_format.arguments_keys[0]
             async for chunk in self._generator.generate(
-                    input_from_pb(request, context, call.request_id)):
+                    input_from_pb(request, context, call.request_id, arguments_key)):
                 if "ttft_ms" not in call.fields and chunk.token_ids:
                     call.fields["ttft_ms"] = round((time.perf_counter() - started) * 1e3)
                 timer.tokens(len(chunk.token_ids))

@@ -21,7 +21,11 @@ from gateway.protocol import (
     ChatDelta,
     ChoiceLogprobs,
     ErrorResponse,
+    FunctionCallDelta,
+    ResponseFunctionCall,
+    ResponseToolCall,
     TokenLogprob,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -53,11 +57,29 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 def _completion(choices: list[ChoiceOutput], usage: Usage, body: ChatCompletionRequest,
                 envelope: dict[str, Any]) -> ChatCompletion:
     return ChatCompletion(**envelope, usage=usage, choices=[
-        ChatChoice(index=index, message=AssistantMessage(content=choice.text),
+        ChatChoice(index=index, message=_message(choice),
                    logprobs=_logprobs(choice.logprobs) if body.logprobs else None,
                    finish_reason=choice.finish_reason)
         for index, choice in enumerate(choices)
     ])
+
+
+def _message(choice: ChoiceOutput) -> AssistantMessage:
+    if not choice.tool_calls:
+        return AssistantMessage(content=choice.text)
+    return AssistantMessage(content=choice.text or None, tool_calls=[
+        ResponseToolCall(id=call.id, function=ResponseFunctionCall(name=call.name,
+                                                                   arguments=call.arguments))
+        for call in choice.tool_calls])
+
+
+def _tool_call_deltas(deltas: Sequence[llm_pb2.ToolCallDelta]) -> list[ToolCallDelta] | None:
+    # The first delta of a call carries its id and name, later ones argument fragments.
+    return [ToolCallDelta(index=delta.index, id=delta.id or None,
+                          type="function" if delta.id else None,
+                          function=FunctionCallDelta(name=delta.name or None,
+                                                     arguments=delta.arguments))
+            for delta in deltas] or None
 
 
 async def _chunks(generation: Generation, body: ChatCompletionRequest,
@@ -71,10 +93,12 @@ async def _chunks(generation: Generation, body: ChatCompletionRequest,
     for index in range(body.n):
         yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
     async for response in generation.responses():
-        if response.text or response.logprobs:
+        if response.text or response.logprobs or response.tool_calls:
             logprobs = _logprobs(response.logprobs) if body.logprobs else None
+            delta = ChatDelta(content=response.text or (None if response.tool_calls else ""),
+                              tool_calls=_tool_call_deltas(response.tool_calls))
             yield chunk([ChatChunkChoice(index=response.index, logprobs=logprobs,
-                                         delta=ChatDelta(content=response.text))])
+                                         delta=delta)])
         if response.finish_reason:
             yield chunk([ChatChunkChoice(index=response.index, delta=ChatDelta(),
                                          finish_reason=FINISH_REASONS[response.finish_reason])])

@@ -81,6 +81,35 @@ function addNote(box, text) {
   box.append(note);
 }
 
+// A tool call as the page shows it: the function's name and its arguments (JSON text).
+function showToolCall(box, call) {
+  const block = document.createElement("div");
+  block.className = "tool-call";
+  const name = document.createElement("div");
+  name.className = "tool-name";
+  name.textContent = `tool call: ${call.function.name}`;
+  const args = document.createElement("pre");
+  args.className = "tool-args";
+  args.textContent = call.function.arguments;
+  block.append(name, args);
+  box.append(block);
+  return args;
+}
+
+// Adds a streamed tool-call delta to the calls so far (OpenAI's chunk format: the first delta
+// of a call carries its id and name, the later ones argument fragments).
+function addToolCallDelta(calls, shown, box, delta) {
+  let call = calls[delta.index];
+  if (!call) {
+    call = { id: delta.id || "", type: "function",
+             function: { name: (delta.function && delta.function.name) || "", arguments: "" } };
+    calls[delta.index] = call;
+    shown[delta.index] = showToolCall(box, call);
+  }
+  call.function.arguments += (delta.function && delta.function.arguments) || "";
+  shown[delta.index].textContent = call.function.arguments;
+}
+
 function mediaParts() {
   return conversation.filter((m) => Array.isArray(m.content))
     .flatMap((m) => m.content.filter((p) => p.type !== "text"));
@@ -197,10 +226,14 @@ async function send() {
   setBusy(true);
   setStatus("Generating…");
   let answer = "";
+  const toolCalls = [];
+  const shownCalls = [];
+  const request = { model: $("model").value || undefined, messages: conversation,
+                    stream: true, max_tokens: Number($("max-tokens").value) || 256 };
+  if ($("json-mode").checked) request.response_format = { type: "json_object" };
   const post = () => fetch("/v1/chat/completions", {
     method: "POST", headers: headers(), signal: controller.signal,
-    body: JSON.stringify({ model: $("model").value || undefined, messages: conversation,
-                           stream: true, max_tokens: Number($("max-tokens").value) || 256 }),
+    body: JSON.stringify(request),
   });
   try {
     let response = await post();
@@ -215,6 +248,9 @@ async function send() {
       if (event.error) throw new Error(event.error.message);
       for (const choice of event.choices || []) {
         answer += (choice.delta && choice.delta.content) || "";
+        for (const delta of (choice.delta && choice.delta.tool_calls) || []) {
+          addToolCallDelta(toolCalls, shownCalls, reply.box, delta);
+        }
         if (choice.finish_reason === "length") addNote(reply.box, "(stopped at max tokens)");
       }
       reply.content.textContent = answer;
@@ -231,7 +267,11 @@ async function send() {
       conversation.pop();  // the failed turn is not resent with the next message
     }
   } finally {
-    if (answer) conversation.push({ role: "assistant", content: answer });
+    if (toolCalls.length) {
+      conversation.push({ role: "assistant", content: answer || null, tool_calls: toolCalls });
+    } else if (answer) {
+      conversation.push({ role: "assistant", content: answer });
+    }
     controller = null;
     setBusy(false);
   }

@@ -188,7 +188,8 @@ class TorchEngine(EngineClient):
         elif isinstance(message, Rejected):
             stream = self._streams.get(message.request_id)
             if stream is not None:
-                stream.put_nowait(Overloaded(message.message))
+                error = InvalidRequest if message.invalid else Overloaded
+                stream.put_nowait(error(message.message))
         elif isinstance(message, Started):
             assert self._started is not None
             self._started.set_result(message)

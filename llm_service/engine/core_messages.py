@@ -57,10 +57,12 @@ class Outputs:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A request the scheduler refused (its queue is full); it holds nothing."""
+    """A request the core refused; it holds nothing. invalid: the request is at fault (its
+    structured output cannot be compiled), else the queue is full."""
 
     request_id: str
     message: str
+    invalid: bool = False
 
 
 @dataclass(frozen=True, slots=True)

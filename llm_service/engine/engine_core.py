@@ -9,16 +9,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent import futures
 
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.core_messages import (
-    Add, Failed, Finish, FromCore, Outputs, Rejected, Started, Stop, ToCore)
-from llm_service.engine.errors import Overloaded
+    Abort, Add, Failed, Finish, FromCore, Outputs, Rejected, Started, Stop, ToCore)
+from llm_service.engine.errors import InvalidRequest, Overloaded
+from llm_service.engine.grammar import CompiledGrammar, GrammarCompiler, checkpoint_tokenizer
 from llm_service.engine.protocol import EngineOutput, EngineRequest, EngineStats
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3  # then the engine is considered broken, not the requests
+COMPILE_POLL_S = 0.005  # how often an idle loop looks at grammars being compiled
 
 
 class EngineCore:
@@ -38,6 +41,13 @@ class EngineCore:
             scheduling=config.scheduling)
         self._step_ms = 0.0
         self._failures = 0
+        # Structured outputs compile on a thread of their own, so a step never waits for one;
+        # a request joins the scheduler once its grammar is ready.
+        vocab = self.runner.spec.vocab_size
+        self.grammars = GrammarCompiler(lambda: checkpoint_tokenizer(config.model_dir, vocab))
+        self._compiler = futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self._compiling: dict[str, tuple[EngineRequest, futures.Future[CompiledGrammar]]] = {}
+        self._compiler.submit(self.grammars.prepare)
         if config.warm_up:
             self.warm_up()
 
@@ -75,28 +85,65 @@ class EngineCore:
         """Applies messages and steps until Stop; `receive(block)` waits for messages only
         when there is nothing to compute."""
         sched = self.scheduler
-        while True:
-            for message in receive(not sched.has_work):
-                if isinstance(message, Stop):
-                    outputs = [o for rid in list(sched.requests) for o in sched.abort(rid)]
-                    send(Outputs(outputs, self.stats()))
-                    return
-                if isinstance(message, Add):
-                    self._add(message.request, send)
-                elif isinstance(message, Finish):
-                    send(Outputs(sched.finish(message.request_id, message.index), self.stats()))
-                else:
-                    send(Outputs(sched.abort(message.request_id), self.stats()))
-            if sched.has_work:
-                # Sent after every step, even one with no tokens (a prompt chunk), so that
-                # stats follow the KV cache as it fills.
-                send(Outputs(self.step(), self.stats()))
+        try:
+            while True:
+                if self._compiling and not sched.has_work:
+                    futures.wait([f for _, f in self._compiling.values()], COMPILE_POLL_S,
+                                 futures.FIRST_COMPLETED)
+                for message in receive(not sched.has_work and not self._compiling):
+                    if isinstance(message, Stop):
+                        self._compiling.clear()
+                        outputs = [o for rid in list(sched.requests) for o in sched.abort(rid)]
+                        send(Outputs(outputs, self.stats()))
+                        return
+                    self._apply(message, send)
+                self._admit_compiled(send)
+                self._step_and_send(send)
+        finally:
+            self._compiler.shutdown(wait=False, cancel_futures=True)
+
+    def _apply(self, message: ToCore, send: Callable[[FromCore], None]) -> None:
+        sched = self.scheduler
+        if isinstance(message, Add):
+            self._add(message.request, send)
+        elif isinstance(message, Finish):
+            send(Outputs(sched.finish(message.request_id, message.index), self.stats()))
+        elif isinstance(message, Abort) and self._compiling.pop(message.request_id, None) is None:
+            send(Outputs(sched.abort(message.request_id), self.stats()))
+
+    def _step_and_send(self, send: Callable[[FromCore], None]) -> None:
+        if self.scheduler.has_work:
+            # Sent after every step, even one with no tokens (a prompt chunk), so that
+            # stats follow the KV cache as it fills.
+            send(Outputs(self.step(), self.stats()))
 
     def _add(self, request: EngineRequest, send: Callable[[FromCore], None]) -> None:
+        spec = request.sampling.structured
+        if spec is not None:
+            self._compiling[request.request_id] = (
+                request, self._compiler.submit(self.grammars.compile, spec))
+            return
         try:
             self.scheduler.add(request)
         except Overloaded as exc:
             send(Rejected(request.request_id, str(exc)))
+
+    def _admit_compiled(self, send: Callable[[FromCore], None]) -> None:
+        """Queues the requests whose grammar is ready, or refuses them."""
+        for rid, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[rid]
+            try:
+                self.scheduler.add(request, future.result())
+            except InvalidRequest as exc:
+                send(Rejected(rid, str(exc), invalid=True))
+            except Overloaded as exc:
+                send(Rejected(rid, str(exc)))
+            except Exception as exc:  # a compiler failure fails this request, not the engine
+                log.exception("compiling the structured output of %s failed", rid)
+                send(Rejected(rid, f"structured output could not be compiled: "
+                                   f"{type(exc).__name__}: {exc}", invalid=True))
 
     def step(self) -> list[EngineOutput]:
         step = self.scheduler.schedule()

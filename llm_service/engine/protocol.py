@@ -16,10 +16,46 @@ if TYPE_CHECKING:
     import torch
 
 
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_STRUCTURED_SPEC_CHARS = 256 * 1024  # a schema, regex or grammar, as text
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
 class FinishReason(enum.IntEnum):
     STOP = 1  # EOS, a stop token id, or a stop string (decided by the caller)
     LENGTH = 2  # max_tokens or the model's context length
     ABORT = 3  # cancelled by the caller or failed
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """What the output must match, enforced token by token.
+
+    kind: "json_schema" (spec: a JSON Schema document as JSON text), "json_object" (any JSON
+    object; no spec), "regex" (spec: a regular expression the whole output matches),
+    "choice" (exactly one of `choices`), "grammar" (spec: a Lark grammar, or GBNF/EBNF when it
+    uses `::=`). Frozen and hashable: it keys the compiled-grammar cache.
+    """
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_KINDS}, "
+                             f"got {self.kind!r}")
+        if self.kind == "choice":
+            if not self.choices:
+                raise ValueError("structured output choice: the list of choices is empty")
+            if any(not c for c in self.choices):
+                raise ValueError("structured output choice: a choice is the empty string")
+        elif self.kind != "json_object" and not self.spec.strip():
+            raise ValueError(f"structured output {self.kind}: the {self.kind} is empty")
+        size = len(self.spec) + sum(len(c) for c in self.choices)
+        if size > MAX_STRUCTURED_SPEC_CHARS:
+            raise ValueError(f"structured output {self.kind}: {size} characters; at most "
+                             f"{MAX_STRUCTURED_SPEC_CHARS}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +76,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # number of top alternatives; None = no logprobs
     n: int = 1
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None  # None: free text
 
     def __post_init__(self) -> None:
+        self._check_logit_bias()
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
@@ -63,6 +103,21 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_logit_bias(self) -> None:
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most "
+                             f"{MAX_LOGIT_BIAS} are allowed")
+        seen = set()
+        for token, bias in self.logit_bias:
+            if token < 0:
+                raise ValueError(f"logit_bias: token id {token} is negative")
+            if token in seen:
+                raise ValueError(f"logit_bias: token id {token} appears twice")
+            seen.add(token)
+            if not -100.0 <= bias <= 100.0:  # also refuses NaN
+                raise ValueError(f"logit_bias: the bias of token {token} must be in "
+                                 f"[-100, 100], got {bias}")
 
     @property
     def greedy(self) -> bool:

@@ -1,6 +1,7 @@
 """Logits -> next tokens for a batch, each row with its own sampling parameters.
 
-Order, as in HF: penalties, temperature, top_k, top_p, min_p. Each sampled sequence draws
+Order, as in HF: penalties, logit_bias, the grammar's mask (structured outputs; constrained
+rows only), temperature, top_k, top_p, min_p. Each sampled sequence draws
 from its own torch.Generator, so a seeded request gives the same tokens whatever it is batched
 with. Logprobs are those of the model's raw distribution.
 """
@@ -17,6 +18,7 @@ from llm_service.engine.sequence import Sequence
 # Exact top-p needs the head of the sorted distribution only; a full sort of a large
 # vocabulary is slow on CPU, so sort the top candidates and fall back when they are too few.
 TOP_P_CANDIDATES = 256
+_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class Sampler:
@@ -32,16 +34,18 @@ class Sampler:
         """logits: [len(seqs), vocab]. Returns the tokens and, if any row asked, logprobs."""
         params = [s.sampling for s in seqs]
         want_logprobs = any(p.logprobs is not None for p in params)
-        plain = all(p.greedy and _no_penalty(p) for p in params)
-        if plain and not want_logprobs and not any(_blocks_stop(s) for s in seqs):
+        plain = all(p.greedy and _no_penalty(p) and not p.logit_bias for p in params)
+        if plain and not want_logprobs and not any(_blocks_stop(s) or s.grammar for s in seqs):
             # in fp32: torch's bf16 argmax on CPU is 5x slower than converting first
             return logits.float().argmax(dim=-1).tolist(), None
         logits = logits.float().clone(memory_format=torch.contiguous_format)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         self._apply_penalties(logits, seqs)
+        _apply_logit_bias(logits, seqs)
         for i, seq in enumerate(seqs):
             if _blocks_stop(seq):
                 logits[i, list(seq.stop_token_ids)] = float("-inf")
+        _apply_grammars(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
@@ -102,6 +106,44 @@ class Sampler:
             scaled = torch.where(sel > 0, sel / rep, sel * rep)
             sel = torch.where(seen[:, :vocab], scaled, sel)
         logits[rows] = sel
+
+
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    for i, seq in enumerate(seqs):
+        bias = seq.sampling.logit_bias
+        if bias:
+            ids = torch.tensor([t for t, _ in bias], device=logits.device)
+            logits[i].index_add_(0, ids, torch.tensor([b for _, b in bias], device=logits.device))
+
+
+def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Masks out, in the constrained rows only, every token their grammar does not allow.
+
+    The grammar's own end token gives way to the sequence's stop tokens: allowed where the
+    output so far is complete (and min_tokens is reached), forbidden elsewhere.
+    """
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    words = (vocab + 31) // 32
+    bits = torch.empty(len(rows), words, dtype=torch.int32)
+    for k, i in enumerate(rows):
+        grammar = seqs[i].grammar
+        assert grammar is not None
+        grammar.fill(bits[k].data_ptr(), words * 4)
+    allowed = ((bits.unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :vocab].bool()
+    for k, i in enumerate(rows):
+        seq = seqs[i]
+        grammar = seq.grammar
+        assert grammar is not None
+        allowed[k, list(grammar.eos_token_ids)] = False
+        if seq.stop_token_ids and grammar.accepting and not _blocks_stop(seq):
+            allowed[k, list(seq.stop_token_ids)] = True
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits.index_select(0, index).masked_fill_(~allowed.to(logits.device),
+                                                        float("-inf"))
+    logits.index_copy_(0, index, masked)
 
 
 def _no_penalty(p) -> bool:

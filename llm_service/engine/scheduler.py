@@ -14,12 +14,16 @@ import heapq
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.errors import Overloaded
 from llm_service.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from llm_service.engine.protocol import EngineOutput, EngineRequest, TokenLogprob
 from llm_service.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from llm_service.engine.grammar import CompiledGrammar
 
 
 class Scheduler:
@@ -52,13 +56,15 @@ class Scheduler:
     def prefix_hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
 
-    def add(self, request: EngineRequest) -> None:
-        """Queues a validated request; raises Overloaded when the waiting queue is full."""
+    def add(self, request: EngineRequest, grammar: CompiledGrammar | None = None) -> None:
+        """Queues a validated request (with its compiled grammar when it asks for structured
+        output); raises Overloaded when the waiting queue is full."""
         assert request.request_id not in self.requests, request.request_id
         if len(self.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.waiting)} sequences are waiting (max_waiting="
                              f"{self.max_waiting}); retry later")
-        seq = Sequence(self._new_seq_id(), request, self._next_arrival, self.max_model_len)
+        seq = Sequence(self._new_seq_id(), request, self._next_arrival, self.max_model_len,
+                       grammar=grammar.new_state() if grammar is not None else None)
         self._next_arrival += 1
         self.requests[request.request_id] = [seq]
         heapq.heappush(self.waiting, (self._key(seq), seq))
@@ -202,6 +208,12 @@ class Scheduler:
     def _stop_status(self, seq: Sequence, token: int) -> SequenceStatus | None:
         if token in seq.stop_token_ids and seq.num_output_tokens > seq.sampling.min_tokens:
             return SequenceStatus.FINISHED_STOPPED
+        if seq.grammar is not None:
+            if not seq.grammar.accept(token):  # the mask allowed it: a bug, not the caller's
+                seq.error = f"token {token} broke the output's grammar: {seq.grammar.error}"
+                return SequenceStatus.FINISHED_ABORTED
+            if seq.grammar.stopped:  # the output is complete; nothing may follow
+                return SequenceStatus.FINISHED_STOPPED
         if len(seq) >= seq.max_total_tokens:
             return SequenceStatus.FINISHED_LENGTH
         return None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from llm_service.engine.grammar import GrammarState
 
 
 class SequenceStatus(enum.IntEnum):
@@ -39,11 +42,11 @@ class Sequence:
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "sampling", "spans",
         "stop_token_ids", "priority", "arrival", "max_total_tokens", "block_table",
         "block_hashes", "num_hashed_blocks", "num_computed_tokens", "num_cached_tokens",
-        "num_pending_forks", "status", "error", "queued_at", "queue_time_s",
+        "num_pending_forks", "status", "error", "grammar", "queued_at", "queue_time_s",
     )
 
     def __init__(self, seq_id: int, request: EngineRequest, arrival: int, max_model_len: int,
-                 index: int = 0) -> None:
+                 index: int = 0, grammar: GrammarState | None = None) -> None:
         sampling = request.sampling
         self.seq_id = seq_id
         self.request_id = request.request_id
@@ -68,6 +71,8 @@ class Sequence:
         self.num_pending_forks = sampling.n - 1 if index == 0 else 0
         self.status = SequenceStatus.WAITING
         self.error: str | None = None
+        # Structured output: this choice's place in its grammar, advanced with each token.
+        self.grammar = grammar
         self.queued_at = time.monotonic()
         self.queue_time_s: float | None = None  # queued -> first scheduled
 
@@ -121,4 +126,5 @@ class Sequence:
         child.num_computed_tokens = 0
         child.num_pending_forks = 0
         child.status = SequenceStatus.RUNNING
+        child.grammar = self.grammar.fresh() if self.grammar is not None else None
         return child

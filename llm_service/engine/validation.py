@@ -46,6 +46,10 @@ def validate_request(request: EngineRequest, limits: Limits) -> None:
         raise InvalidRequest(f"n={request.sampling.n} exceeds the engine's max_num_seqs="
                              f"{limits.max_num_seqs}; ask for fewer choices")
     check_spans(request.spans, n, limits.hidden_size)
+    outside = [t for t, _ in request.sampling.logit_bias if t >= limits.vocab_size]
+    if outside:
+        raise InvalidRequest(f"logit_bias: token ids {outside[:5]} are outside the vocabulary "
+                             f"[0, {limits.vocab_size})")
     if min(ids) < 0 or max(ids) >= limits.vocab_size:
         covered = {p for s in request.spans for p in range(s.start, s.end)}
         for position, token in enumerate(ids):

@@ -6,19 +6,21 @@ special-token ids are always resolved from the checkpoint's tokenizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llm_service.prompt.builder import MediaFormat, PromptBuilder
-from llm_service.prompt.messages import Modality
+from llm_service.prompt.messages import Message, Modality
 from llm_service.prompt.template import (
     MARKER,
     ChatTemplate,
     HFChatTemplate,
+    Media,
     MediaSlot,
     RoleTemplate,
     bare,
 )
+from llm_service.prompt.tools import HermesFormat, InternLM2Format, Tool, ToolFormat, uses_tools
 
 INTERNVL_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                    "是一个有用无害的人工智能助手。")
@@ -33,15 +35,34 @@ VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence 
 MEGREZ_SYSTEM = "你是Megrez-3B-Instruct，将针对用户的问题给出详细的、积极的回答。"
 
 
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
 @dataclass(frozen=True, slots=True)
 class PromptFamily:
     template: ChatTemplate
     builder: PromptBuilder
     stop_token_ids: tuple[int, ...]
+    # How tools, calls and results appear; None: the generic format (Hermes-style tags in the
+    # family's own turns, under its default system prompt).
+    tool_format: ToolFormat | None = None
 
     @property
     def modalities(self) -> frozenset[Modality]:
         return self.builder.modalities
+
+    @property
+    def tools(self) -> ToolFormat:
+        if self.tool_format is not None:
+            return self.tool_format
+        return HermesFormat(getattr(self.template, "default_system", ""))
+
+    def render(self, messages: list[Message], media: Media = None,
+               tools: Sequence[Tool] = ()) -> str:
+        """The prompt text; a conversation without tools renders as the plain template does."""
+        if uses_tools(messages, tools):
+            return self.tools.render(self.template, messages, media, tools)
+        return self.template.render(messages, media)
 
 
 def token_id(tokenizer, token: str) -> int:
@@ -99,8 +120,10 @@ def _internvl_image(tok) -> dict[Modality, MediaFormat]:
 
 
 def _internvl2_chatml(tok) -> PromptFamily:  # 1B (Hermes-2) and 2B/8B/26B (internlm2-chat)
+    # Tools in InternLM2's agent format: the LLM of the 2B/8B/26B checkpoints.
     return PromptFamily(chatml(INTERNVL_SYSTEM, "", internvl_media),
-                        PromptBuilder(tok, _internvl_image(tok)), _stops(tok, "<|im_end|>"))
+                        PromptBuilder(tok, _internvl_image(tok)), _stops(tok, "<|im_end|>"),
+                        InternLM2Format(INTERNVL_SYSTEM, "", internvl_media))
 
 
 def _internvl2_phi3(tok) -> PromptFamily:  # 4B
@@ -113,7 +136,7 @@ def _internvl2_phi3(tok) -> PromptFamily:  # 4B
 
 def _internlm2(tok) -> PromptFamily:
     return PromptFamily(chatml(INTERNLM2_SYSTEM, "\n"), PromptBuilder(tok, {}),
-                        _stops(tok, "<|im_end|>"))
+                        _stops(tok, "<|im_end|>"), InternLM2Format(INTERNLM2_SYSTEM, "\n", bare))
 
 
 def _qwen_vl(tok) -> PromptFamily:
@@ -172,8 +195,10 @@ def _smollm2(tok) -> PromptFamily:
     # never reach the model (embeddings replace them) and the prefix cache hashes slots by
     # content hash, not by id.
     image = MediaFormat(token_id(tok, "<|endoftext|>"))
+    # Its template has no tools; they follow Qwen2.5's (Hermes) format under its own default
+    # system prompt.
     return PromptFamily(HFChatTemplate(tok), PromptBuilder(tok, {Modality.IMAGE: image}),
-                        _stops(tok, "<|im_end|>"))
+                        _stops(tok, "<|im_end|>"), HermesFormat(SMOLLM2_SYSTEM))
 
 
 FAMILIES: dict[str, Callable[[object], PromptFamily]] = {

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from mmserve.wire.media import MediaItem, MediaRef, Modality
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer name for the system role; chat templates know system/user/assistant only.
 ROLE_ALIASES = {"developer": "system"}
 
@@ -24,11 +24,23 @@ Part = TextPart | MediaItem
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the assistant made (or makes): its arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """One turn; a role alias ("developer") becomes the role it stands for."""
 
     role: str
     parts: tuple[Part, ...]
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls it made
+    tool_call_id: str = ""  # tool: the call this result answers
+    name: str = ""  # tool: the function's name
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", ROLE_ALIASES.get(self.role, self.role))
@@ -48,4 +60,4 @@ def media_count(item: MediaItem) -> int:
 
 
 __all__ = ["ROLES", "MediaItem", "MediaRef", "Message", "Modality", "Part", "TextPart",
-           "media_count"]
+           "ToolCall", "media_count"]

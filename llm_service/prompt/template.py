@@ -61,6 +61,10 @@ def check_messages(messages: list[Message]) -> None:
     for i, message in enumerate(messages):
         if message.role not in ROLES:
             raise InvalidRequest(f"messages[{i}].role {message.role!r} is not one of {ROLES}")
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequest(f"messages[{i}].tool_calls: only assistant messages make calls")
+        if message.role == "tool" and message.media:
+            raise InvalidRequest(f"messages[{i}]: a tool result is text only")
         for part in message.parts:
             if isinstance(part, TextPart) and MARKER_RE.search(part.text):
                 raise InvalidRequest(f"messages[{i}] contains a reserved media marker")

@@ -4,6 +4,7 @@ text streams back, Stop cancels the generation in the engine."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import pytest
@@ -154,3 +155,40 @@ def test_media_already_sent_are_resent_as_handles_or_as_bytes_once_evicted(page,
     assert urls[3] == handle  # turn 3: the handle the retry returned
     assert [len(body["messages"]) for body in sent] == [1, 3, 3, 5]
     assert page.locator(".msg.error").count() == 0
+
+
+def test_json_mode_and_tool_calls(page):
+    """The JSON-mode toggle sends response_format json_object; streamed tool-call deltas show
+    as a call (name and arguments) and go back to the server with the next turn."""
+    sent = []
+    deltas = [
+        {"index": 0, "id": "call_7", "type": "function",
+         "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"city": '}},
+        {"index": 0, "function": {"arguments": '"Rome"}'}},
+    ]
+
+    def answer(route):
+        sent.append(route.request.post_data_json)
+        chunks = [{"choices": [{"index": 0, "delta": {"tool_calls": [delta]},
+                                "finish_reason": None}]} for delta in deltas]
+        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks)
+        route.fulfill(status=200, content_type="text/event-stream", body=body + "data: [DONE]\n\n")
+
+    page.route("**/v1/chat/completions", answer)
+    page.check("#json-mode")
+    page.fill("#message", "Weather in Rome?")
+    page.press("#message", "Enter")
+    page.wait_for_selector(".msg.assistant .tool-name:text('tool call: get_weather')")
+    assert page.locator(".msg.assistant .tool-args").text_content() == '{"city": "Rome"}'
+    page.uncheck("#json-mode")
+    page.fill("#message", "And tomorrow?")
+    page.press("#message", "Enter")
+    wait_until(lambda: len(sent) == 2, 10, "the second turn was not sent")
+
+    assert sent[0]["response_format"] == {"type": "json_object"}
+    assert "response_format" not in sent[1]
+    assert sent[1]["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_7", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}

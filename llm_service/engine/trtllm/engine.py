@@ -29,6 +29,7 @@ from llm_service.engine.protocol import (
 )
 from llm_service.engine.trtllm.bindings import load_bindings
 from llm_service.engine.trtllm.features import BindingFeatures
+from llm_service.engine.trtllm.guided import guided_decoding_config
 from llm_service.engine.trtllm.options import EngineLayout, TrtllmOptions
 from llm_service.engine.trtllm.pump import ResponsePump
 from llm_service.engine.trtllm.requests import build_request
@@ -54,6 +55,7 @@ class TrtllmEngine(EngineClient):
         self._by_executor_id: dict[int, RequestStream] = {}
         self._stats = EngineStats(block_size=layout.tokens_per_block)
         self._dead: str | None = None
+        self._guided_off: str | None = "guided decoding is not set up yet"
 
     @classmethod
     def from_options(cls, model_dir: Path | str, options: dict[str, Any]) -> TrtllmEngine:
@@ -96,11 +98,12 @@ class TrtllmEngine(EngineClient):
             return
         self._loop = asyncio.get_running_loop()
         engine_dir = self._options.engine_dir
+        guided = await asyncio.to_thread(self._guided_decoding)
         try:
             self._executor = await asyncio.to_thread(
                 lambda: self._b.Executor(model_path=engine_dir,
                                          model_type=self._b.ModelType.DECODER_ONLY,
-                                         executor_config=self._executor_config()))
+                                         executor_config=self._executor_config(guided)))
         except RuntimeError as exc:  # C++ exceptions surface as RuntimeError
             raise ValueError(f"TensorRT-LLM could not load the engine in {engine_dir}: "
                              f"{_first_line(exc)}") from exc
@@ -114,8 +117,25 @@ class TrtllmEngine(EngineClient):
                  self.vocab_size, self.hidden_size, self.max_model_len,
                  self._layout.max_prompt_rows)
 
-    def _executor_config(self):
+    def _guided_decoding(self) -> Any:
+        """The executor's GuidedDecodingConfig, or None (and why, for structured requests)."""
+        if not self._options.guided_decoding:
+            self._guided_off = "the engine option guided_decoding is false"
+            return None
+        if not self._features.guided_decoding:
+            self._guided_off = f"TensorRT-LLM {self._features.version} has no guided decoding"
+            return None
+        assert self._options.tokenizer_dir is not None  # from_dict defaults it
+        config, self._guided_off = guided_decoding_config(self._b, self._options.tokenizer_dir)
+        if config is None:
+            log.warning("structured outputs are off: %s", self._guided_off)
+        return config
+
+    def _executor_config(self, guided_decoding_config: Any = None):
         b, o = self._b, self._options
+        extra = {}
+        if guided_decoding_config is not None:
+            extra["guided_decoding_config"] = guided_decoding_config
         return b.ExecutorConfig(
             max_beam_width=1,
             scheduler_config=b.SchedulerConfig(
@@ -133,6 +153,7 @@ class TrtllmEngine(EngineClient):
             max_batch_size=o.max_batch_size,
             max_num_tokens=o.max_num_tokens,
             max_queue_size=o.max_queue_size,
+            **extra,
         )
 
     async def shutdown(self) -> None:
@@ -198,7 +219,8 @@ class TrtllmEngine(EngineClient):
                                  f"holds {queue}; ask for at most {queue}")
         trt_request, table, max_tokens = build_request(
             self._b, request, self._layout, self.max_model_len, self._options.streaming,
-            self._options.pad_id, self._features, pin=self._pin_tables)
+            self._options.pad_id, self._features, pin=self._pin_tables,
+            guided_off=self._guided_off)
         try:
             executor_id = self._executor.enqueue_request(request=trt_request)
         except Exception as exc:

@@ -19,6 +19,7 @@ class BindingFeatures:
     num_return_sequences: bool  # SamplingConfig(num_return_sequences=): n > 1 (about 0.16 on)
     min_p: bool  # SamplingConfig(min_p=) (about 0.18 on)
     perf_metrics: bool  # OutputConfig(return_perf_metrics=): per-request KV reuse (0.17 on)
+    guided_decoding: bool  # GuidedDecodingConfig/Params, Request(guided_decoding_params=)
 
     @classmethod
     def probe(cls, b: ModuleType) -> BindingFeatures:
@@ -27,6 +28,10 @@ class BindingFeatures:
             num_return_sequences=_accepts(b.SamplingConfig, num_return_sequences=1),
             min_p=_accepts(b.SamplingConfig, min_p=0.0),
             perf_metrics=_accepts(b.OutputConfig, return_perf_metrics=True),
+            guided_decoding=(hasattr(b, "GuidedDecodingConfig")
+                             and hasattr(b, "GuidedDecodingParams")
+                             and _accepts(b.Request, input_token_ids=[0], max_tokens=1,
+                                          guided_decoding_params=None)),
         )
 
     def missing(self, what: str, fix: str) -> str:

@@ -34,6 +34,10 @@ class TrtllmOptions:
     """
 
     engine_dir: Path | None = None  # the trtllm-build output; default: the model directory
+    # The HF tokenizer (tokenizer.json) guided decoding compiles grammars against; default:
+    # the model directory.
+    tokenizer_dir: Path | None = None
+    guided_decoding: bool = True  # structured outputs through the executor's XGrammar backend
     free_gpu_memory_fraction: float = 0.9  # of the GPU memory free after loading, for KV blocks
     kv_cache_max_tokens: int | None = None  # cap on KV tokens; the smaller of the two caps wins
     enable_block_reuse: bool = True  # KV prefix reuse (engine built with paged context FMHA)
@@ -97,7 +101,9 @@ class TrtllmOptions:
             raise ValueError(f"unknown engine options {unknown} for kind trtllm; "
                              f"known: {sorted(known | set(ALIASES))}")
         engine_dir = values.pop("engine_dir", None)
-        return cls(engine_dir=Path(engine_dir or model_dir), **values)
+        tokenizer_dir = values.pop("tokenizer_dir", None)
+        return cls(engine_dir=Path(engine_dir or model_dir),
+                   tokenizer_dir=Path(tokenizer_dir or model_dir), **values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import torch
 from llm_service.engine.errors import InvalidRequest
 from llm_service.engine.protocol import EmbeddingSpan, EngineRequest, SamplingParams
 from llm_service.engine.trtllm.features import BindingFeatures
+from llm_service.engine.trtllm.guided import embedding_bias, guided_params
 from llm_service.engine.trtllm.options import EngineLayout
 from llm_service.engine.validation import Limits, validate_request
 
@@ -116,6 +117,17 @@ def sampling_config(b: ModuleType, sp: SamplingParams, features: BindingFeatures
     return b.SamplingConfig(beam_width=1, **kwargs)
 
 
+def _guided(b: ModuleType, sp: SamplingParams, features: BindingFeatures, guided_off: str | None):
+    assert sp.structured is not None
+    if not features.guided_decoding:
+        raise InvalidRequest(features.missing("structured output (guided decoding)",
+                                              "send the request without it"))
+    if guided_off is not None:
+        raise InvalidRequest(f"structured output is off on this TensorRT-LLM engine: "
+                             f"{guided_off}; send the request without it")
+    return guided_params(b, sp.structured)
+
+
 def executor_priority(priority: int) -> float:
     """EngineRequest.priority (any int, higher first, 0 by default) -> the executor's
     priority in [0, 1] (higher first, 0.5 by default), order-preserving for |priority| < 100."""
@@ -124,9 +136,12 @@ def executor_priority(priority: int) -> float:
 
 def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, max_model_len: int,
                   streaming: bool, pad_id: int | None, features: BindingFeatures | None = None,
-                  pin: bool = False):
+                  pin: bool = False, guided_off: str | None = "guided decoding is not set up"):
     """Validates the request against the engine limits; returns (executor Request, prompt table,
     max_tokens).
+
+    guided_off: None when the executor was configured for guided decoding, else why not
+    (a request with structured output is then refused with that reason).
 
     The prompt table (or None) must outlive the request: the executor copies it to the GPU
     asynchronously. max_tokens is returned because older bindings do not expose it on the
@@ -167,7 +182,10 @@ def build_request(b: ModuleType, request: EngineRequest, layout: EngineLayout, m
         stop_words=[[token] for token in stop_ids] or None,
         bad_words=None,
         prompt_tuning_config=tuning,
+        embedding_bias=embedding_bias(sp.logit_bias, layout.vocab_size),
     )
+    if sp.structured is not None:
+        kwargs["guided_decoding_params"] = _guided(b, sp, features, guided_off)
     if not request.priority:  # bindings older than the priority argument take the rest
         return b.Request(**kwargs), prompt.table, max_tokens
     try:

@@ -4,7 +4,8 @@ Choice i of a reply is "[i]" followed by the words of the last message's text
 (or of the prompt), one word per response, choices interleaved. max_tokens
 truncates it (finish "length"). It records every request and its metadata,
 can fail with a given status before or after the first response, and notes
-when a call is cancelled.
+when a call is cancelled. Given tools, it calls the first one (TOOL_CALL_ARGUMENTS, streamed in
+FRAGMENTS after a delta with the id and name) and finishes with "tool_calls".
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import llm_pb2, llm_pb2_grpc
 
 MODEL_ID = "fake-vlm-1b"
+TOOL_CALL_ID = "call_fake_1"
+FRAGMENTS = ('{"city": ', '"Paris", ', '"days": 2}')
+TOOL_CALL_ARGUMENTS = "".join(FRAGMENTS)
 
 
 def prompt_words(request: llm_pb2.GenerateRequest) -> list[str]:
@@ -81,6 +85,10 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
 
     async def _replies(self, request: llm_pb2.GenerateRequest
                        ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        if request.tools:
+            async for response in self._tool_call(request):
+                yield response
+            return
         sampling = request.sampling
         n = max(sampling.n, 1)
         replies = [[f"[{i}]", *(f" {word}" for word in prompt_words(request))] for i in range(n)]
@@ -104,6 +112,20 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
                     response.usage.CopyFrom(llm_pb2.Usage(
                         prompt_tokens=used, completion_tokens=step + 1, cached_tokens=used // 2))
                 yield response
+
+    async def _tool_call(self, request: llm_pb2.GenerateRequest
+                         ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        name = request.tools[0].name
+        yield llm_pb2.GenerateResponse(index=0, token_ids=[1], tool_calls=[
+            llm_pb2.ToolCallDelta(index=0, id=TOOL_CALL_ID, name=name)])
+        for i, fragment in enumerate(FRAGMENTS):
+            response = llm_pb2.GenerateResponse(index=0, token_ids=[2 + i], tool_calls=[
+                llm_pb2.ToolCallDelta(index=0, arguments=fragment)])
+            if i == len(FRAGMENTS) - 1:
+                response.finish_reason = llm_pb2.FINISH_REASON_TOOL_CALLS
+                response.usage.CopyFrom(llm_pb2.Usage(prompt_tokens=prompt_tokens(request),
+                                                      completion_tokens=len(FRAGMENTS) + 1))
+            yield response
 
     async def GetModelInfo(self, request: llm_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> llm_pb2.ModelInfo:

@@ -157,9 +157,13 @@ async def test_advertised_name_is_accepted_and_echoed(configured_client, fake_ll
         assert fake_llm.requests[0].model == MODEL_ID  # the LLM service's own id
 
 
-async def test_unknown_fields_are_ignored(client) -> None:
+async def test_unknown_fields_are_refused_by_name(client, fake_llm) -> None:
     response = await client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi", "name": "ann"}], "tools": [],
+        "messages": [{"role": "user", "content": "hi", "name": "ann"}], "user": "u-1",
         "response_format": {"type": "text"}, "some_future_field": {"x": 1}})
-    assert response.status_code == 200
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "some_future_field"
+    assert error["message"].startswith("some_future_field: not supported by this server")
+    assert fake_llm.requests == []
 

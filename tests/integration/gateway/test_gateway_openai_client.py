@@ -88,10 +88,14 @@ async def test_validation_error_names_the_field(openai_client) -> None:
     assert "temperature: Input should be less than or equal to 2" in info.value.body["message"]
 
 
-async def test_unknown_fields_are_ignored(openai_client) -> None:
+async def test_unknown_fields_are_a_bad_request(openai_client) -> None:
     completion = await openai_client.chat.completions.create(
-        model=MODEL_ID, messages=MESSAGES, extra_body={"guided_json": None, "foo": [1, 2]})
+        model=MODEL_ID, messages=MESSAGES, user="u-1", extra_body={"guided_json": None})
     assert completion.choices[0].message.content == "[0] hello big world"
+    with pytest.raises(openai.BadRequestError) as info:
+        await openai_client.chat.completions.create(model=MODEL_ID, messages=MESSAGES,
+                                                    extra_body={"foo": [1, 2]})
+    assert info.value.body["param"] == "foo"
 
 
 async def test_wrong_key_is_401(gateway_url) -> None:

@@ -174,7 +174,7 @@ async def test_cancel_aborts_engine_request(served):
         role="user", content=[llm_pb2.ContentPart(image=common_pb2.MediaRef(url="data:x"))])])),
      grpc.StatusCode.INVALID_ARGUMENT, "no encoder"),
     (llm_pb2.GenerateRequest(messages=llm_pb2.Messages(messages=[llm_pb2.ChatMessage(
-        role="tool", content=[llm_pb2.ContentPart(text="x")])])),
+        role="function", content=[llm_pb2.ContentPart(text="x")])])),
      grpc.StatusCode.INVALID_ARGUMENT, "role"),
 ])
 async def test_bad_requests_get_clear_status(served, request_, code, words):
@@ -209,3 +209,22 @@ async def test_model_info_reports_engine_stats(served):
     _, stub = served
     info = await stub.GetModelInfo(llm_pb2.ModelInfoRequest())
     assert info.model_id == "m" and info.stats.kv_blocks_total == 10
+
+
+async def test_a_tool_call_in_the_output_streams_as_deltas(served, smollm2_tokenizer):
+    engine, stub = served
+    call = '{"name": "get_weather", "arguments": {"city": "北京"}}'
+    engine.answer_ids = smollm2_tokenizer.encode(f"Let me check.\n<tool_call>\n{call}\n"
+                                                 "</tool_call>", add_special_tokens=False)
+    request = chat("Weather in Beijing?", max_tokens=200, temperature=0.0)
+    request.tools.append(llm_pb2.Tool(name="get_weather", parameters='{"type": "object"}'))
+    replies = await collect(stub, request)
+    assert "".join(r.text for r in replies) == "Let me check.\n"
+    deltas = [d for r in replies for d in r.tool_calls]
+    assert deltas[0].id.startswith("call_") and deltas[0].name == "get_weather"
+    assert len(deltas) > 2  # the arguments came in fragments, as the tokens did
+    assert "".join(d.arguments for d in deltas) == '{"city": "北京"}'
+    assert replies[-1].finish_reason == llm_pb2.FINISH_REASON_TOOL_CALLS
+    prompt = smollm2_tokenizer.decode(engine.requests[0].prompt_token_ids)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in prompt
+    assert engine.requests[0].sampling.structured is None  # auto: the model may answer in text

@@ -40,12 +40,37 @@ def test_array_content_with_image_and_audio() -> None:
     assert (audio.input_audio.data, audio.input_audio.format) == ("UklGRg==", "wav")
 
 
-def test_unknown_fields_are_ignored_everywhere() -> None:
-    request = chat(messages=[{"role": "user", "name": "ann", "content": [
-        {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
-        response_format={"type": "text"}, parallel_tool_calls=False, metadata={"a": "b"})
-    assert request.messages[0].content[0].text == "hi"
-    assert not hasattr(request, "response_format")
+def test_informational_fields_are_accepted_and_dropped() -> None:
+    request = chat(messages=[{"role": "user", "name": "ann", "content": "hi"}],
+                   user="u-1", metadata={"a": "b"}, store=False, response_format={"type": "text"})
+    assert request.messages[0].name == "ann"
+    assert request.structured_to_pb() is None
+    assert "user" not in request.model_fields_set and not hasattr(request, "metadata")
+
+
+@pytest.mark.parametrize(("fields", "loc"), [
+    ({"audio": {"format": "wav"}}, ("audio",)),
+    ({"functions": []}, ("functions",)),
+    ({"prediction": {"type": "content", "content": "x"}}, ("prediction",)),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]},
+     ("messages", 0, "content", 0, "cache_control")),
+])
+def test_unsupported_fields_are_refused_by_name(fields, loc) -> None:
+    with pytest.raises(ValidationError) as info:
+        chat(**fields)
+    assert error_locs(info) == [loc]
+    assert info.value.errors()[0]["type"] == "extra_forbidden"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("stream", "yes"), ("stream", 1), ("n", 1.5), ("n", "2"), ("max_tokens", "8"),
+    ("logprobs", "true"), ("seed", 3.0), ("temperature", "0.5"),
+])
+def test_types_are_strict_where_openai_is(field, value) -> None:
+    with pytest.raises(ValidationError) as info:
+        chat(**{field: value})
+    assert error_locs(info) == [(field,)]
 
 
 @pytest.mark.parametrize("role", ["system", "developer", "user", "assistant"])
@@ -55,7 +80,7 @@ def test_accepted_roles(role: str) -> None:
 
 def test_unknown_role_is_rejected_at_its_path() -> None:
     with pytest.raises(ValidationError) as info:
-        chat(messages=[{"role": "tool", "content": "x"}])
+        chat(messages=[{"role": "function", "content": "x"}])
     assert error_locs(info) == [("messages", 0, "role")]
 
 
@@ -69,7 +94,7 @@ def test_part_without_its_payload_is_rejected() -> None:
 def test_unknown_part_type_is_rejected() -> None:
     with pytest.raises(ValidationError) as info:
         chat(messages=[{"role": "user", "content": [{"type": "file", "file": {}}]}])
-    assert error_locs(info) == [("messages", 0, "content", 0, "type")]
+    assert error_locs(info)[0] == ("messages", 0, "content", 0, "type")
 
 
 def test_stop_accepts_a_string_or_a_list() -> None:
@@ -95,7 +120,7 @@ def test_logprob_counts() -> None:
 
 def test_include_usage_only_applies_to_streams() -> None:
     assert chat(stream=True, stream_options={"include_usage": True}).include_usage
-    assert not chat(stream=False, stream_options={"include_usage": True}).include_usage
+    assert not chat(stream=True, stream_options={"include_usage": False}).include_usage
     assert not chat(stream=True).include_usage
 
 

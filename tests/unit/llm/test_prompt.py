@@ -83,7 +83,7 @@ def test_marker_count_must_match_encoded_items(smollm2_tokenizer):
 def test_bad_role_and_reserved_marker_are_rejected():
     # Checked once per request, before the encoder runs (the generator calls it).
     with pytest.raises(InvalidRequest, match="role"):
-        check_messages([Message("tool", (TextPart("x"),))])
+        check_messages([Message("function", (TextPart("x"),))])
     with pytest.raises(InvalidRequest, match="reserved"):
         check_messages([user(MARKER.format(0))])
     with pytest.raises(InvalidRequest, match="empty"):

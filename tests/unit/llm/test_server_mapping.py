@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from llm_service import errors
-from llm_service.engine.protocol import FinishReason
+from llm_service.engine.protocol import FinishReason, StructuredOutput
 from llm_service.generator import Chunk, Usage
 from llm_service.server import chunk_to_pb, grpc_status, messages_from_pb, sampling_from_pb
 from protos import common_pb2, llm_pb2
@@ -75,3 +75,33 @@ def test_chunk_to_pb_carries_usage_and_finish():
     assert (pb.index, pb.text, list(pb.token_ids)) == (1, "Paris", [42])
     assert pb.finish_reason == llm_pb2.FINISH_REASON_STOP
     assert (pb.usage.prompt_tokens, pb.usage.completion_tokens, pb.usage.cached_tokens) == (10, 3, 2)
+
+
+def test_logit_bias_and_structured_reach_the_engine_params():
+    pb = llm_pb2.SamplingParams(logit_bias={7: 5.0, 3: -100.0},
+                                structured=llm_pb2.StructuredOutput(regex="[a-z]+"))
+    params, _, _ = sampling_from_pb(pb)
+    assert params.logit_bias == ((3, -100.0), (7, 5.0))
+    assert params.structured == StructuredOutput("regex", spec="[a-z]+")
+    choice = llm_pb2.StructuredOutput(choice=llm_pb2.ChoiceList(choices=["yes", "no"]))
+    params, _, _ = sampling_from_pb(llm_pb2.SamplingParams(structured=choice))
+    assert params.structured == StructuredOutput("choice", choices=("yes", "no"))
+    params, _, _ = sampling_from_pb(llm_pb2.SamplingParams(
+        structured=llm_pb2.StructuredOutput(json_object=True)))
+    assert params.structured == StructuredOutput("json_object")
+    params, _, _ = sampling_from_pb(llm_pb2.SamplingParams())
+    assert params.structured is None and params.logit_bias == ()
+
+
+@pytest.mark.parametrize("pb, field", [
+    (llm_pb2.SamplingParams(logit_bias={i: 1.0 for i in range(301)}), "logit_bias has 301"),
+    (llm_pb2.SamplingParams(logit_bias={5: 101.0}), "logit_bias: the bias of token 5"),
+    (llm_pb2.SamplingParams(structured=llm_pb2.StructuredOutput(regex="")),
+     "sampling.structured.regex"),
+    (llm_pb2.SamplingParams(structured=llm_pb2.StructuredOutput(
+        choice=llm_pb2.ChoiceList())), "sampling.structured.choice"),
+])
+def test_bad_logit_bias_or_structured_is_invalid_naming_the_field(pb, field):
+    with pytest.raises(errors.InvalidRequest, match=field) as caught:
+        sampling_from_pb(pb)
+    assert grpc_status(caught.value) == grpc.StatusCode.INVALID_ARGUMENT

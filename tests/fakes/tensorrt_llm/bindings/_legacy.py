@@ -70,6 +70,7 @@ def request_class(base):
                              sampling_config=sampling_config or SamplingConfig(),
                              output_config=output_config or OutputConfig(), end_id=end_id,
                              pad_id=pad_id, bad_words=bad_words, stop_words=stop_words,
+                             embedding_bias=embedding_bias,
                              prompt_tuning_config=prompt_tuning_config, client_id=client_id,
                              return_all_generated_tokens=return_all_generated_tokens,
                              priority=priority)

@@ -83,6 +83,14 @@ class Executor:
         with self._cond:
             if self.is_shutdown:
                 raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: Shutdown called")
+            if getattr(request, "guided_decoding_params", None) is not None and \
+                    self.config.guided_decoding_config is None:
+                raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: Guided decoding is "
+                                   "not enabled for this executor")
+            bias = getattr(request, "embedding_bias", None)
+            if bias is not None and tuple(bias.shape) != (self.vocab_size,):
+                raise RuntimeError(f"[TensorRT-LLM][ERROR] embedding_bias must have shape "
+                                   f"[{self.vocab_size}], got {list(bias.shape)}")
             n = getattr(request.sampling_config, "num_return_sequences", None) or 1
             limit = self.config.max_queue_size
             # The new request counts with its n - 1 children; queued ones count once each.

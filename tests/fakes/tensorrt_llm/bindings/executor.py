@@ -94,6 +94,34 @@ class SchedulerConfig:
         self.dynamic_batch_config = dynamic_batch_config
 
 
+class GuidedDecodingConfig:
+    """executor.h: the backend and the tokenizer it compiles grammars against."""
+
+    class GuidedDecodingBackend(enum.Enum):
+        XGRAMMAR = 0
+        LLGUIDANCE = 1
+
+    def __init__(self, backend, encoded_vocab=None, tokenizer_str=None, stop_token_ids=None):
+        if not isinstance(backend, GuidedDecodingConfig.GuidedDecodingBackend):
+            raise TypeError("backend must be a GuidedDecodingConfig.GuidedDecodingBackend")
+        self.backend, self.encoded_vocab = backend, encoded_vocab
+        self.tokenizer_str, self.stop_token_ids = tokenizer_str, stop_token_ids
+
+
+class GuidedDecodingParams:
+    class GuideType(enum.Enum):
+        JSON = 0
+        JSON_SCHEMA = 1
+        REGEX = 2
+        EBNF_GRAMMAR = 3
+        STRUCTURAL_TAG = 4
+
+    def __init__(self, guide_type, guide=None):
+        if not isinstance(guide_type, GuidedDecodingParams.GuideType):
+            raise TypeError("guide_type must be a GuidedDecodingParams.GuideType")
+        self.guide_type, self.guide = guide_type, guide
+
+
 class ExecutorConfig:
     def __init__(self, max_beam_width=1, scheduler_config=None, kv_cache_config=None,
                  enable_chunked_context=False, normalize_log_probs=True,
@@ -139,6 +167,8 @@ class Request:
         self.output_config = output_config or OutputConfig()
         self.end_id, self.pad_id = end_id, pad_id
         self.bad_words, self.stop_words = bad_words, stop_words
+        self.embedding_bias = embedding_bias
+        self.guided_decoding_params = guided_decoding_params
         self.prompt_tuning_config = prompt_tuning_config
         self.client_id = client_id
         self.return_all_generated_tokens = return_all_generated_tokens
@@ -258,6 +288,7 @@ if LEGACY:
     KvCacheConfig, Result, KvCacheStats = (
         _legacy.KvCacheConfig, _legacy.Result, _legacy.KvCacheStats)
     Request = _legacy.request_class(Request)
+    del GuidedDecodingConfig, GuidedDecodingParams  # guided decoding came with 0.17
 
 if not NO_EXECUTOR:
     from tensorrt_llm.bindings._runtime import Executor, instances
