@@ -28,7 +28,7 @@ async def test_stream_disconnect_cancels_the_call(gateway_url, fake_llm, auth_he
         assert not fake_llm.finished.is_set()
         # The stream began with 200, but it was cut short: logged and counted as 499.
         line = await eventually(lambda: next((r.getMessage() for r in caplog.records
-                                              if "route=/v1/chat/completions" in r.getMessage()),
+                                              if "http=/v1/chat/completions" in r.getMessage()),
                                              None), 5, "no request log line")
         assert " status=499 " in line
 
@@ -60,5 +60,5 @@ async def test_finished_stream_is_not_cancelled(gateway_url, fake_llm, auth_head
         await asyncio.sleep(0.2)  # the client has closed its connection by now
     assert response.text.endswith("data: [DONE]\n\n")
     assert fake_llm.finished.is_set() and not fake_llm.cancelled.is_set()
-    lines = [r.getMessage() for r in caplog.records if "route=/v1/chat" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "http=/v1/chat" in r.getMessage()]
     assert len(lines) == 1 and " status=200 " in lines[0]
