@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from llm_service.engine.protocol import TokenLogprob
@@ -18,7 +19,6 @@ from llm_service.engine.sequence import Sequence
 # Exact top-p needs the head of the sorted distribution only; a full sort of a large
 # vocabulary is slow on CPU, so sort the top candidates and fall back when they are too few.
 TOP_P_CANDIDATES = 256
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class Sampler:
@@ -120,29 +120,33 @@ def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     """Masks out, in the constrained rows only, every token their grammar does not allow.
 
     The grammar's own end token gives way to the sequence's stop tokens: allowed where the
-    output so far is complete (and min_tokens is reached), forbidden elsewhere.
+    output so far is complete (and min_tokens is reached), forbidden elsewhere. The bitmask is
+    unpacked by numpy (0.06 ms for 16 rows of 49k tokens, where torch's shifts took 3 ms).
     """
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
     if not rows:
         return
     vocab = logits.shape[1]
     words = (vocab + 31) // 32
-    bits = torch.empty(len(rows), words, dtype=torch.int32)
+    bits = np.empty((len(rows), words), dtype=np.int32)
     for k, i in enumerate(rows):
         grammar = seqs[i].grammar
         assert grammar is not None
-        grammar.fill(bits[k].data_ptr(), words * 4)
-    allowed = ((bits.unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :vocab].bool()
-    for k, i in enumerate(rows):
+        grammar.fill(bits[k].ctypes.data, words * 4)
+    allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    for k, i in enumerate(rows):  # in numpy: a torch index op per row costs 100 us here
         seq = seqs[i]
         grammar = seq.grammar
         assert grammar is not None
-        allowed[k, list(grammar.eos_token_ids)] = False
+        allowed[k, list(grammar.eos_token_ids)] = 0
         if seq.stop_token_ids and grammar.accepting and not _blocks_stop(seq):
-            allowed[k, list(seq.stop_token_ids)] = True
+            allowed[k, list(seq.stop_token_ids)] = 1
+    forbidden = torch.from_numpy(allowed == 0).to(logits.device)
+    if len(rows) == len(seqs):
+        logits.masked_fill_(forbidden, float("-inf"))
+        return
     index = torch.tensor(rows, device=logits.device)
-    masked = logits.index_select(0, index).masked_fill_(~allowed.to(logits.device),
-                                                        float("-inf"))
+    masked = logits.index_select(0, index).masked_fill_(forbidden, float("-inf"))
     logits.index_copy_(0, index, masked)
 
 

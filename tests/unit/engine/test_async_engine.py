@@ -20,6 +20,7 @@ from llm_service.engine.protocol import (
     EngineRequest,
     FinishReason,
     SamplingParams,
+    StructuredOutput,
 )
 from polling import eventually
 
@@ -176,6 +177,11 @@ BAD_REQUESTS = {
         EmbeddingSpan(0, torch.zeros(2, DIMS["hidden_size"]), "h"),
         EmbeddingSpan(1, torch.zeros(2, DIMS["hidden_size"]), "i"))), "overlaps"),
     "n above max_num_seqs": (EngineRequest("x", [1], SamplingParams(n=9)), "max_num_seqs=8"),
+    "logit_bias outside vocabulary": (EngineRequest("x", [1], SamplingParams(
+        logit_bias=((VOCAB, 1.0),))), f"logit_bias: token ids \\[{VOCAB}\\]"),
+    # Refused by the core's compile thread (the tiny checkpoint has no tokenizer.json).
+    "structured output without a tokenizer": (EngineRequest("x", [1, 2], SamplingParams(
+        structured=StructuredOutput("regex", "[0-9]+"))), "structured output"),
 }
 
 
