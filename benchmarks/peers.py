@@ -8,8 +8,10 @@ output tokens/s (all output tokens / wall time), mean and p99 time to first text
 inter-token latency (time per output token after the first), and the ratios mmserve / vLLM.
 
 Both servers stay up for a dtype's whole run and take turns level by level, in alternating
-order (`--rounds`, at least 2), so background load hits them alike; an idle server uses no
-CPU. mmserve's engine alone (TorchEngine in a fresh process, the same requests) is measured
+order (`--rounds`, at least 2), so background load hits them alike. Each run waits until
+neither server keeps a CPU busy (`settle`): vLLM's worker polls at full speed for about a
+second after its last request, which would otherwise slow whichever system runs next (seen
+here: mmserve's TTFT at c=1 0.12 s alone, about 1 s right after a vLLM request). mmserve's engine alone (TorchEngine in a fresh process, the same requests) is measured
 too, to show what the stack around it costs. Peak RSS of each system's process tree is
 sampled during its c=64 runs (the highest level given).
 
@@ -50,7 +52,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks.streaming import CpuTime, LoadResult, PeakRss, closed_loop
+from benchmarks.streaming import CpuTime, LoadResult, PeakRss, closed_loop, tree_cpu_seconds
 
 PROMPT_LEN = 128
 OUTPUT_LEN = 128
@@ -352,6 +354,22 @@ def run_load(server: Server, bodies: list[dict], concurrency: int, sample_rss: b
     return result
 
 
+def settle(servers: list[Server], window_s: float = 0.25, limit_s: float = 15.0) -> float:
+    """Waits until no server keeps a CPU busy (under 5% of one core over `window_s`), so each
+    run starts on a quiet machine: vLLM's worker polls at full speed for about a second after
+    its last request, which would slow whichever system runs next. Returns seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = [tree_cpu_seconds(s.proc.pid) for s in servers if s.proc is not None]
+        time.sleep(window_s)
+        after = [tree_cpu_seconds(s.proc.pid) for s in servers if s.proc is not None]
+        busy = sum(seconds - b.get(pid, (label, seconds))[1]
+                   for a, b in zip(after, before) for pid, (label, seconds) in a.items())
+        if busy / window_s < 0.05:
+            break
+    return time.monotonic() - started
+
+
 def warm_up(server: Server, bodies: list[dict]) -> None:
     short = [{**b, "max_tokens": 8} for b in bodies[:4]]
     asyncio.run(closed_loop(server.url, "/v1/completions", short, 2))
@@ -388,12 +406,14 @@ def measure_dtype(args, dtype: str, model_dir: Path, workdir: Path, venv: Path |
                 for server in order:
                     bodies = completion_bodies(prompts[offset:offset + count], MODEL_NAME)
                     offset = (offset + count) % (len(prompts) - count)
+                    settle(started)
                     result = run_load(server, bodies, c, sample_rss=c == max(levels))
                     level.add(server.name, result)
                     print(f"[{label}] c={c:<3} round {r + 1} {server.name:<13} "
                           f"{result.tokens_per_s:7.1f} tok/s  TTFT {result.mean_ttft:5.2f} s  "
                           f"ok {len(result.ok)}/{len(result.timings)}", flush=True)
             if args.engine:
+                settle(started)
                 engine[c] = in_fresh_process(measure_engine, prompts[:count], c, dtype)
                 print(f"[{label}] c={c:<3} TorchEngine alone {engine[c][0]:7.1f} tok/s", flush=True)
     finally:
