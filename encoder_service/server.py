@@ -26,7 +26,7 @@ from mmserve.rpc.server import GrpcServer, bind_address
 from mmserve.rpc.tls import server_credentials
 from mmserve.wire.chunks import dtype_to_pb, tensor_to_chunks, torch_dtype
 from mmserve.wire.convert import header_to_pb, item_from_pb, modality_to_pb
-from mmserve.wire.media import EncodedItem, MediaItem
+from mmserve.wire.media import TENANT_METADATA, EncodedItem, MediaItem, valid_tenant
 from mmserve.wire.shm import (
     SHM_MIN_BYTES,
     ShmOffers,
@@ -53,6 +53,14 @@ def items_from_pb(request: encoder_pb2.EncodeRequest) -> list[MediaItem]:
         raise InvalidRequest(str(exc)) from None
 
 
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's tenant from the call's metadata (the default tenant when absent)."""
+    tenant = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
+    if not isinstance(tenant, str) or not valid_tenant(tenant):
+        raise InvalidRequest(f"metadata {TENANT_METADATA} must be 1-64 lowercase hex digits")
+    return tenant
+
+
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     """Thin: decodes requests, calls the Encoder, encodes responses."""
 
@@ -77,7 +85,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         call.fields.update(items=len(request.items), tiles=0, cached=0, shm="yes" if shm else "no")
         try:
             items = items_from_pb(request)
-            async with contextlib.aclosing(encoder.encode_all(items)) as results:
+            async with contextlib.aclosing(encoder.encode_all(items,
+                                                              tenant_of(context))) as results:
                 media_index = 0
                 async for encoded in results:
                     for item in encoded:
