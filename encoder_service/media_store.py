@@ -15,6 +15,7 @@ corrupt, truncated or oversized entry is refused, never decoded.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -33,6 +34,7 @@ from redis.retry import Retry
 from encoder_service.errors import Unavailable
 from mmserve.wire.media import MEDIA_STORE_UNAVAILABLE, Modality, source_hash
 
+log = logging.getLogger(__name__)
 MAGIC = b"MMS1"
 HEADER_BYTES = len(MAGIC) + 1  # magic, then one byte of modality
 T = TypeVar("T")
@@ -83,7 +85,8 @@ class MediaStore(Protocol):
     """Where handles' files live. `get` and `put` raise StoreUnavailable when the store does
     not answer within its timeout; `get` drops a corrupt entry and returns None."""
 
-    description: str  # names the store in error messages: "redis at host:6379", ...
+    description: str  # names the kind of store in error messages: "Redis media store"
+    address: str  # where it is, for the operator's log (never in a client's message)
 
     async def get(self, key: str) -> StoredSource | None: ...
 
@@ -96,7 +99,8 @@ class MemoryMediaStore:
     """One process's store: an LRU by bytes with a TTL (today's single-replica behaviour)."""
 
     def __init__(self, capacity_bytes: int, ttl_s: float) -> None:
-        self.description = "in-memory store"
+        self.description = "in-memory media store"
+        self.address = "this process"
         self._capacity, self._ttl = capacity_bytes, ttl_s
         self._items: OrderedDict[str, tuple[float, StoredSource]] = OrderedDict()
         self._bytes = 0
@@ -139,7 +143,8 @@ class DirectoryMediaStore:
 
     def __init__(self, root: str, capacity_bytes: int, ttl_s: float, max_entry_bytes: int,
                  timeout_s: float) -> None:
-        self.description = f"directory store {root}"
+        self.description = "directory media store"
+        self.address = root
         self._root = Path(root)
         self._capacity, self._ttl = capacity_bytes, ttl_s
         self._max_entry, self._timeout = max_entry_bytes, timeout_s
@@ -155,7 +160,7 @@ class DirectoryMediaStore:
         return None
 
     async def _run(self, operation: Awaitable[T]) -> T:
-        return await _bounded(self.description, self._timeout, operation)
+        return await _bounded(self.description, self.address, self._timeout, operation)
 
     def _read(self, key: str) -> StoredSource | None:
         path = self._root / key
@@ -215,8 +220,8 @@ class RedisMediaStore:
 
     def __init__(self, url: str, ttl_s: float, max_entry_bytes: int, timeout_s: float) -> None:
         parts = urlsplit(url)
-        # Never the password: the description goes into error messages.
-        self.description = f"redis at {parts.hostname}:{parts.port or 6379}"
+        self.description = "Redis media store"
+        self.address = f"{parts.hostname}:{parts.port or 6379}"  # never the password
         self._ttl_ms = int(ttl_s * 1000)
         self._max_entry, self._timeout = max_entry_bytes, timeout_s
         self._redis = Redis.from_url(url, socket_timeout=timeout_s,
@@ -228,8 +233,10 @@ class RedisMediaStore:
                                                     self._max_entry + HEADER_BYTES))
         if not blob:
             return None
+        if isinstance(blob, str):  # only with decode_responses, which this client never sets
+            blob = blob.encode()
         try:
-            return decode_entry(key, bytes(blob), self._max_entry)
+            return decode_entry(key, blob, self._max_entry)
         except CorruptEntry:
             await self._run(self._redis.delete(self._key(key)))
             raise
@@ -241,22 +248,26 @@ class RedisMediaStore:
         await self._redis.aclose()
 
     async def _run(self, operation: Awaitable[T]) -> T:
-        return await _bounded(self.description, self._timeout, operation)
+        return await _bounded(self.description, self.address, self._timeout, operation)
 
     @staticmethod
     def _key(key: str) -> str:
         return f"mmserve:media:{key}"
 
 
-async def _bounded(description: str, timeout_s: float, operation: Awaitable[T]) -> T:
-    """`operation` within the store's timeout; failures become StoreUnavailable."""
+async def _bounded(description: str, address: str, timeout_s: float,
+                   operation: Awaitable[T]) -> T:
+    """`operation` within the store's timeout; failures become StoreUnavailable (whose message
+    the client sees: it names the kind of store, the log says where it is)."""
     try:
         return await asyncio.wait_for(operation, timeout_s)
     except (TimeoutError, asyncio.TimeoutError):
+        log.warning("%s at %s did not answer within %g s", description, address, timeout_s)
         raise StoreUnavailable(f"{MEDIA_STORE_UNAVAILABLE}: the {description} did not answer "
                                f"within {timeout_s:g} s; media handles cannot be resolved "
                                f"until it does, so send the media itself") from None
     except (OSError, RedisError) as exc:
+        log.warning("%s at %s failed: %s", description, address, exc)
         raise StoreUnavailable(f"{MEDIA_STORE_UNAVAILABLE}: the {description} failed "
                                f"({type(exc).__name__}); media handles cannot be resolved "
                                f"until it recovers, so send the media itself") from None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llm_service.config import LLMConfig
 from llm_service.encoder_client import EncoderClient
+from llm_service.encoder_health import pool_settings, report_encoders
 from llm_service.engine.protocol import EngineClient
 from llm_service.errors import ServiceError
 from llm_service.generator import Generator
@@ -69,10 +70,12 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
     family = load_family(config.family, tokenizer)
     engine = build_engine(config, model_dir)
     await engine.start()
-    encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir)
+    encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir,
+                             config.encoder_budget_s, pool_settings(config))
                if config.encoder_address else None)
     try:
         if encoder is not None:
+            await encoder.start()
             await check_encoder(encoder, engine.hidden_size, config.encoder_wait_s)
         generator = Generator(engine, tokenizer, family, encoder, config.max_media_items)
         info = dict(model_id=config.model_name, family=config.family,
@@ -81,6 +84,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         server = build_server(LLMServicer(generator, engine, info))
         port = await server.start(config.host, config.port, server_creds)
         watcher = asyncio.create_task(watch_health(engine, server))
+        encoders = (asyncio.create_task(report_encoders(encoder.pool, server.health))
+                    if encoder is not None else None)
         log.info("LLM service listening on %s:%d (%s, started in %.1f s)", config.host, port,
                  config.model_name, time.monotonic() - started)
         if ready is not None:
@@ -89,6 +94,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         await stop.wait()
         log.info("shutting down")
         watcher.cancel()
+        if encoders is not None:
+            encoders.cancel()
         await server.stop(config.grace_s)
     finally:
         await engine.shutdown()

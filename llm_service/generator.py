@@ -42,6 +42,7 @@ class GenerateInput:
     skip_special_tokens: bool = True
     priority: int = 0
     timeout: float | None = None
+    tenant: str = ""  # whose media handles the request may name
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +206,7 @@ class Generator:
         if media and self._encoder is None:
             raise InvalidRequest("this deployment has no encoder service; send text only")
         encode_started = time.monotonic()
-        encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
+        encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout, inp.tenant)
                    if self._encoder is not None and media else [])
         encode_ms = (time.monotonic() - encode_started) * 1e3 if media else 0.0
         text = self._family.template.render(messages, encoded)

@@ -17,6 +17,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The LLM service's health entry for its encoder pool: SERVING while a replica is up. Not
+# part of "", so a stuck encoder pool does not take text generation (or the pod) out.
+ENCODER_POOL_HEALTH = "mmserve.encoder.v1.Encoder"
 
 
 def bind_address(host: str, port: int) -> str:
