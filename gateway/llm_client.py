@@ -20,7 +20,9 @@ from gateway.protocol import (
     ContentPart,
     GenerationRequest,
 )
+from mmserve.rpc.server import ENCODER_POOL_HEALTH
 from mmserve.rpc.tls import channel_credentials
+from mmserve.wire.media import TENANT_METADATA
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
 
 # The whole-server entry of the standard health service, the one Kubernetes' gRPC probes ask.
@@ -51,10 +53,15 @@ class LLMClient:
         return cls(config.llm_address, config.request_timeout_s,
                    channel_credentials(config.llm_tls))
 
-    def generate(self, request: llm_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
-        """Starts the server-streaming call; `cancel()` on it aborts the generation."""
+    def generate(self, request: llm_pb2.GenerateRequest,
+                 tenant: str = "") -> grpc.aio.UnaryStreamCall:
+        """Starts the server-streaming call; `cancel()` on it aborts the generation.
+        `tenant` scopes the media handles the request may name and mint."""
+        metadata = [("x-request-id", request.request_id)]
+        if tenant:
+            metadata.append((TENANT_METADATA, tenant))
         return self._llm.Generate(request, timeout=self._request_timeout_s,
-                                  metadata=(("x-request-id", request.request_id),))
+                                  metadata=tuple(metadata))
 
     async def model_info(self) -> llm_pb2.ModelInfo:
         return await self._llm.GetModelInfo(llm_pb2.ModelInfoRequest(),
@@ -67,6 +74,17 @@ class LLMClient:
                 health_pb2.HealthCheckRequest(service=_HEALTH_SERVICE), timeout=_HEALTH_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def encoders_serving(self) -> bool:
+        """Whether the LLM service has an encoder replica up; True when it has no encoder
+        pool (a text-only deployment: its health has no such entry)."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=ENCODER_POOL_HEALTH),
+                timeout=_HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.NOT_FOUND
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -17,7 +19,11 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the LLM service's gRPC health check reports SERVING."""
-    if await request.app.state.llm.is_serving():
+    """Readiness: the LLM service's gRPC health check reports SERVING, and so does its
+    encoder pool entry (a hung or stopped encoder makes image requests fail)."""
+    llm = request.app.state.llm
+    serving, encoders = await asyncio.gather(llm.is_serving(), llm.encoders_serving())
+    if serving and encoders:
         return JSONResponse({"status": "ready"})
-    return JSONResponse({"status": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "unavailable", "llm": serving, "encoder": encoders},
+                        status_code=503)
