@@ -265,6 +265,6 @@ def _take_region(offer: encoder_pb2.ShmOffer | None, header: encoder_pb2.ItemHea
 def _to_error(exc: grpc.aio.AioRpcError) -> ServiceError:
     kind = _STATUS_ERRORS.get(exc.code(), ServiceError)
     details = exc.details() or exc.code().name
-    if kind is Unavailable:
+    if kind is Unavailable and not details.startswith(MEDIA_STORE_UNAVAILABLE):
         details = f"encoder service unavailable: {details}"
     return kind(details)
