@@ -14,7 +14,7 @@ and mean / p50 turn-2 TTFT, with the ratio to the single-replica baseline of the
 The memory store with 3 replicas is the situation before the shared store: a handle lives on
 the replica that saw it only.
 
-    python -m benchmarks.replicas                       # all configurations (~2-4 min on 2 cores)
+    python -m benchmarks.replicas                       # all configurations (~3-5 min on 2 cores)
     python -m benchmarks.replicas --conversations 12 --stores directory,redis
 """
 
@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import base64
 import io
+import random
 import shutil
 import statistics
 import tempfile
@@ -105,7 +106,11 @@ async def run_config(name: str, engine: EngineClient, family, tokenizer, replica
             _, chunk = await first_chunk(generator, f"{name}-{k}-1", chat(url, "Describe it."))
             handles.append(chunk.media_handles[0])
         before = sum(s.encoder.store.hits for s in servers)
-        for k, url in enumerate(urls):  # turn 2: the same image, by handle or by bytes
+        # Turn 2 in another order than turn 1 (users come back when they come back), so plain
+        # round-robin lands on the turn-1 replica about 1 time in N, not by a fixed offset.
+        order = random.Random(seed_base).sample(range(len(urls)), len(urls))
+        for k in order:  # turn 2: the same image, by handle or by bytes
+            url = urls[k]
             again = handles[k] if k % 2 == 0 else url
             messages = chat(again, "Describe it.") + [
                 Message(role="assistant", parts=(TextPart("An image."),)),
