@@ -82,7 +82,17 @@ _FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--shm-quota-bytes", "shm_quota_bytes", int, "region bytes written and not yet read "
      "by callers; over it, rows go in-band"),
     ("--shm-stale-s", "shm_stale_s", float, "seconds after which an unread region is removed"),
-    ("--cache-capacity-bytes", "cache_capacity_bytes", int, "content store size"),
+    ("--cache-capacity-bytes", "cache_capacity_bytes", int, "this replica's LRU of embeddings "
+     "and decoded media"),
+    ("--media-store", "media_store", str, "where mm:// handles' media lives: memory (this "
+     "process), directory (a shared volume) or redis"),
+    ("--media-store-path", "media_store_path", str, "directory of --media-store directory"),
+    ("--media-store-url", "media_store_url", str, "redis://host:port/db of --media-store redis"),
+    ("--media-store-capacity-bytes", "media_store_capacity_bytes", int,
+     "bytes the memory or directory store keeps (Redis: set its maxmemory)"),
+    ("--media-store-ttl-s", "media_store_ttl_s", float, "seconds a handle stays valid"),
+    ("--media-store-timeout-s", "media_store_timeout_s", float,
+     "seconds a store call may take before the handle fails with 503"),
     ("--metrics-port", "metrics_port", int, "serve Prometheus /metrics over HTTP on this port "
      "(queue depth, requests, tower calls; default: off)"),
     ("--shutdown-grace-s", "shutdown_grace_s", float, "seconds in-flight calls get to finish "
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print(f"encoder_service: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(yaml.safe_dump({"encoder": config.to_dict()}, sort_keys=False), end="")
+        print(yaml.safe_dump({"encoder": config.to_dict_redacted()}, sort_keys=False), end="")
         return 0
     try:
         asyncio.run(serve(config))

@@ -1,9 +1,8 @@
 """The content store: a bounded LRU of encoded media, keyed by content hash.
 
-An entry keeps what is needed to encode the item again (the decoded image, or the file
-bytes of an audio clip or a video, which can be sampled into any number of frames), so
-`mm://sha256:<hex>` handles resolve without re-uploading, and its embeddings, so a repeated
-item skips the tower (a video file has none: each of its frames is an entry of its own).
+Two kinds of entries share the byte budget: embeddings under their content hash, so a
+repeated item skips the tower, and, for handles.py, the decoded source behind a handle (an
+image, or the file bytes of an audio clip or a video), so a handle seen here skips decoding.
 Only the event loop touches it, so it needs no lock.
 """
 
@@ -24,6 +23,7 @@ class StoredItem:
     embeddings: torch.Tensor | None  # [num_tokens, hidden_size]; None for a video file
     num_tiles: int
     kind: Modality = Modality.IMAGE
+    stored_at: float = 0.0  # time.monotonic() when a handle's source was last written out
 
     @property
     def nbytes(self) -> int:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from encoder_service.families import FAMILIES as _FAMILY_MODULES
 from mmserve.rpc.tls import TlsFiles
@@ -31,6 +32,7 @@ DEMO_HIDDEN_SIZE = 576  # the embedded SmolLM2-135M
 MAX_VIDEO_FRAMES = 64
 DTYPES = DTYPE_NAMES
 DEFAULT_SHM_DIR = "/dev/shm"
+STORE_KINDS = ("memory", "directory", "redis")  # media_store.py builds each
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,16 @@ class EncoderConfig:
     # Region bytes written and not yet taken by the caller; over it, rows go in-band.
     shm_quota_bytes: int = 256 * MIB
     shm_stale_s: float = 10.0  # unread regions older than this are removed
-    cache_capacity_bytes: int = 512 * MIB  # decoded images + embeddings kept for reuse
+    cache_capacity_bytes: int = 512 * MIB  # this replica's LRU: embeddings + decoded sources
+    # Where the media behind `mm://` handles lives (media_store.py): memory (this process
+    # only), directory (a volume all replicas mount: media_store_path) or redis
+    # (media_store_url, e.g. redis://redis:6379/0).
+    media_store: str = "memory"
+    media_store_path: str = ""
+    media_store_url: str = ""
+    media_store_capacity_bytes: int = 1024 * MIB  # memory and directory; Redis: its maxmemory
+    media_store_ttl_s: float = 24 * 3600.0  # a handle unused for this long is forgotten
+    media_store_timeout_s: float = 1.0  # slower than this: the handle fails with a 503
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any free port
     # Seconds in-flight calls get after SIGTERM; below the pod's terminationGracePeriodSeconds.
     shutdown_grace_s: float = 30.0
@@ -167,6 +178,21 @@ class EncoderConfig:
              f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
             (self.cache_capacity_bytes >= 0,
              f"cache_capacity_bytes must be >= 0, got {self.cache_capacity_bytes}"),
+            (self.media_store in STORE_KINDS,
+             f"media_store must be one of {STORE_KINDS}, got {self.media_store!r}"),
+            (self.media_store != "directory" or Path(self.media_store_path).is_dir(),
+             f"media_store directory needs media_store_path, an existing directory, "
+             f"got {self.media_store_path!r}"),
+            (self.media_store != "redis"
+             or self.media_store_url.startswith(("redis://", "rediss://", "unix://")),
+             f"media_store redis needs media_store_url redis://host:port/db (or rediss://), "
+             f"got {_redacted(self.media_store_url)!r}"),
+            (self.media_store_capacity_bytes > 0,
+             f"media_store_capacity_bytes must be > 0, got {self.media_store_capacity_bytes}"),
+            (self.media_store_ttl_s > 0,
+             f"media_store_ttl_s must be > 0, got {self.media_store_ttl_s}"),
+            (0 < self.media_store_timeout_s <= 60,
+             f"media_store_timeout_s must be in (0, 60], got {self.media_store_timeout_s}"),
             (self.shutdown_grace_s >= 0,
              f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}"),
         ]
@@ -174,6 +200,12 @@ class EncoderConfig:
         errors += self.server_tls.problems("tls_", server=True)
         if errors:
             raise ValueError("invalid encoder config: " + "; ".join(errors))
+
+    def to_dict_redacted(self) -> dict[str, Any]:
+        """to_dict() without the media store's password, to print or log."""
+        values = self.to_dict()
+        values["media_store_url"] = _redacted(self.media_store_url)
+        return values
 
     @property
     def checkpoint_dir(self) -> str:
@@ -210,3 +242,12 @@ class EncoderConfig:
         values["allowed_domains"] = list(self.allowed_domains)
         return values
 
+
+
+def _redacted(url: str) -> str:
+    """`url` with any password replaced, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

@@ -4,8 +4,8 @@
 
 FILE is an image, an audio clip (families that take audio) or a video (families that
 sample videos into frames). Prints JSON: the family, the grid or slices chosen, the number
-of tiles/slices/frames, the number of embedding rows the LLM will receive, and the content
-hash (the key of the encoder's content store and of `mm://sha256:` handles).
+of tiles/slices/frames, the number of embedding rows the LLM will receive, the content
+hash (the key of the encoder's embedding cache) and the `mm://sha256:` handle.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from encoder_service.config import FAMILIES, EncoderConfig
-from encoder_service.encoder import VIDEO_KEY
 from encoder_service.errors import EncoderError, InvalidMedia
 from encoder_service.families import Preprocessor, build_preprocessor
-from encoder_service.families.imaging import content_hash
 from encoder_service.media import decode_image
 from encoder_service.video import has_video_stream, sample_frames
-from mmserve.wire.media import Modality, handle_for
+from mmserve.wire.media import Modality, handle_for, source_hash
 
 
 def describe(path: str, family: str, max_tiles: int | None = None,
@@ -51,7 +49,9 @@ def describe(path: str, family: str, max_tiles: int | None = None,
         media = preprocessor.decode_audio(data)
         facts.update(modality="audio")
     plan = preprocessor.plan(media, config.max_tiles)
-    return {**facts, "max_tiles": config.max_tiles, **plan.to_dict()}
+    kind = Modality.IMAGE if facts["modality"] == "image" else Modality.AUDIO
+    return {**facts, "max_tiles": config.max_tiles, **plan.to_dict(),
+            "handle": handle_for(source_hash(kind, data))}
 
 
 def _describe_video(data: bytes, preprocessor: Preprocessor,
@@ -63,7 +63,7 @@ def _describe_video(data: bytes, preprocessor: Preprocessor,
     return {"modality": "video", "size": list(picked[0].size), "family": config.family,
             "grid": None, "num_tiles": len(picked), "num_tokens": rows,
             "content_hashes": [preprocessor.content_hash(frame, 1) for frame in picked],
-            "handle": handle_for(content_hash(VIDEO_KEY, data)), "frames": len(picked)}
+            "handle": handle_for(source_hash(Modality.VIDEO, data)), "frames": len(picked)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 media limit.
 
 Sources: inline bytes, `data:` URLs, `file://` under one allow-listed directory,
-`http(s)://` (see fetcher.py) and `mm://sha256:<hex>` handles from the content store.
+`http(s)://` (see fetcher.py) and `mm://sha256:<hex>` handles (handles.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from encoder_service.cache import ContentStore
 from encoder_service.config import EncoderConfig
-from encoder_service.errors import InvalidMedia, MediaForbidden, MediaNotFound
+from encoder_service.errors import InvalidMedia, MediaForbidden
 from encoder_service.fetcher import HttpFetcher
+from encoder_service.handles import HandleStore
 from encoder_service.local_files import LocalFiles
 from encoder_service.stages import stage
 from mmserve.wire.media import MediaRef, Modality, parse_handle
@@ -33,12 +33,13 @@ _FILE_TYPES = {Modality.AUDIO: "audio/wav, audio/mpeg or audio/flac",
 
 
 class MediaResolver:
-    """Resolves and decodes media references under the configured limits."""
+    """Resolves and decodes media references under the configured limits. Each load returns
+    the media and the digest of its handle (handles.py), recorded for the caller's tenant."""
 
-    def __init__(self, config: EncoderConfig, store: ContentStore,
+    def __init__(self, config: EncoderConfig, handles: HandleStore,
                  fetcher: HttpFetcher | None = None) -> None:
         self._config = config
-        self._store = store
+        self._handles = handles
         self._fetcher = fetcher or HttpFetcher(config)
         self._local_files = (LocalFiles(config.allowed_local_media_path)
                              if config.allowed_local_media_path else None)
@@ -49,35 +50,58 @@ class MediaResolver:
         Image.MAX_IMAGE_PIXELS = config.max_image_pixels
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-    async def load_image(self, ref: MediaRef) -> Image.Image:
+    async def load_image(self, ref: MediaRef, tenant: str = "") -> Image.Image:
         """The decoded RGB image for `ref`; raises an EncoderError saying what to change."""
-        source = await self.load_image_source(ref)
+        return (await self.resolve_image(ref, tenant))[0]
+
+    async def load_audio_bytes(self, ref: MediaRef, tenant: str = "") -> bytes:
+        """The audio file bytes for `ref` (inline or a data:/file:/http(s) URL), size-checked;
+        decoding and the duration limit are audio.py's."""
+        return (await self.resolve_file(ref, Modality.AUDIO, tenant))[0]
+
+    async def load_video_bytes(self, ref: MediaRef, tenant: str = "") -> bytes:
+        """The video file bytes for `ref`, size-checked; video.py decodes and samples them."""
+        return (await self.resolve_file(ref, Modality.VIDEO, tenant))[0]
+
+    async def resolve_image(self, ref: MediaRef, tenant: str = "") -> tuple[Image.Image, str]:
+        """The decoded RGB image for `ref` and the digest of its handle."""
+        source, digest = await self.load_image_source(ref, tenant)
         if isinstance(source, Image.Image):
-            return source
-        with stage("decode"):
-            return await asyncio.to_thread(self.decode, source)
+            assert digest is not None  # only a handle's media comes back decoded
+            return source, digest
+        image = await self.decode(source)
+        return image, await self.remember_image(source, image, tenant)
 
-    def decode(self, data: bytes) -> Image.Image:
+    async def decode(self, data: bytes) -> Image.Image:
         """Image file bytes (from load_image_source) -> the decoded RGB image."""
-        return decode_image(data, self._config.max_image_pixels)
+        with stage("decode"):
+            return await asyncio.to_thread(decode_image, data, self._config.max_image_pixels)
 
-    async def load_image_source(self, ref: MediaRef) -> Image.Image | bytes:
-        """The image file bytes for `ref`, size-checked but not decoded; or the decoded
-        image the content store keeps behind an `mm://` handle."""
+    async def remember_image(self, data: bytes, image: Image.Image, tenant: str) -> str:
+        """Keeps a decoded upload behind its handle for `tenant`; returns the handle's digest."""
+        return await self._handles.remember(tenant, Modality.IMAGE, data, image)
+
+    async def load_image_source(self, ref: MediaRef,
+                                tenant: str = "") -> tuple[Image.Image | bytes, str | None]:
+        """The image file bytes for `ref`, size-checked but not decoded (digest None); or,
+        behind an `mm://` handle, the decoded image and the handle's digest."""
         if ref.mime_type and not ref.mime_type.lower().startswith("image/"):
             raise InvalidMedia(f"mime_type {ref.mime_type!r} is not an image type; this encoder "
                                f"accepts images (image/png, image/jpeg, ...)")
         if ref.data and ref.url:
             raise InvalidMedia("a media item must carry either url or data, not both")
         if ref.data:
-            return self._check_size(ref.data, "inline media")
+            return self._check_size(ref.data, "inline media"), None
         if not ref.url:
             raise InvalidMedia("a media item has neither url nor data; set one of them")
-        stored = self._stored(ref.url, Modality.IMAGE)
-        if isinstance(stored, Image.Image):
-            return stored
+        digest = self._handle_digest(ref.url)
+        if digest is not None:
+            image = await self._handles.recall(tenant, digest, Modality.IMAGE,
+                                               self._decode_image)
+            assert isinstance(image, Image.Image)  # recall checked the modality
+            return image, digest
         with stage("fetch"):
-            return await self._read_url(ref.url)
+            return await self._read_url(ref.url), None
 
     def image_size(self, source: Image.Image | bytes) -> tuple[int, int]:
         """(width, height) from the header alone, with every check decode_image makes
@@ -87,16 +111,13 @@ class MediaResolver:
         with open_image(source, self._config.max_image_pixels) as image:
             return _oriented_size(image)
 
-    async def load_audio_bytes(self, ref: MediaRef) -> bytes:
-        """The audio file bytes for `ref` (inline or a data:/file:/http(s) URL), size-checked;
-        decoding and the duration limit are audio.py's."""
-        return await self._load_file_bytes(ref, Modality.AUDIO)
+    async def _decode_image(self, data: bytes) -> Image.Image:
+        return await asyncio.to_thread(decode_image, self._check_size(data, "stored media"),
+                                       self._config.max_image_pixels)
 
-    async def load_video_bytes(self, ref: MediaRef) -> bytes:
-        """The video file bytes for `ref`, size-checked; video.py decodes and samples them."""
-        return await self._load_file_bytes(ref, Modality.VIDEO)
-
-    async def _load_file_bytes(self, ref: MediaRef, modality: Modality) -> bytes:
+    async def resolve_file(self, ref: MediaRef, modality: Modality,
+                           tenant: str = "") -> tuple[bytes, str]:
+        """The bytes of an audio or video file for `ref` and the digest of its handle."""
         kind = modality.label
         if ref.mime_type and not ref.mime_type.lower().startswith(f"{kind}/"):
             raise InvalidMedia(f"mime_type {ref.mime_type!r} is not a {kind}/* type, as a {kind} "
@@ -104,33 +125,32 @@ class MediaResolver:
         if ref.data and ref.url:
             raise InvalidMedia("a media item must carry either url or data, not both")
         if ref.data:
-            return self._check_size(ref.data, f"inline {kind}")
-        if not ref.url:
+            data = self._check_size(ref.data, f"inline {kind}")
+        elif not ref.url:
             raise InvalidMedia("a media item has neither url nor data; set one of them")
-        stored = self._stored(ref.url, modality)
-        if isinstance(stored, bytes):
-            return stored
-        return await self._read_url(ref.url, kind=kind)
+        else:
+            digest = self._handle_digest(ref.url)
+            if digest is not None:
+                stored = await self._handles.recall(tenant, digest, modality, self._as_file)
+                assert isinstance(stored, bytes)  # recall checked the modality
+                return stored, digest
+            data = await self._read_url(ref.url, kind=kind)
+        return data, await self._handles.remember(tenant, modality, data, data)
 
-    def _stored(self, url: str, modality: Modality) -> Image.Image | bytes | None:
-        """What the content store keeps behind an `mm://sha256:` handle (None for other URLs):
-        the decoded image, or the audio / video file bytes."""
+    async def _as_file(self, data: bytes) -> bytes:
+        return self._check_size(data, "stored media")
+
+    @staticmethod
+    def _handle_digest(url: str) -> str | None:
+        """The digest of an `mm://sha256:` handle, checked for length and form before any
+        lookup; None for other URLs."""
         if not url.startswith("mm:"):
             return None
         digest = parse_handle(url)
         if digest is None:
             raise InvalidMedia(f"malformed media handle {url[:90]!r}; expected "
-                               f"mm://sha256:<64 lowercase hex digits>")
-        kind = modality.label
-        item = self._store.source(digest)
-        if item is None:
-            raise MediaNotFound(f"unknown media handle {url}; it was never seen or has been "
-                                f"evicted, so send the {kind} itself again")
-        if item.kind != modality:
-            stored = item.kind.label
-            raise InvalidMedia(f"media handle {url} names {_article(stored)} {stored}, "
-                               f"but it was sent as {_article(kind)} {kind} part")
-        return item.source
+                               f"mm://sha256:<64 lowercase hex digits>, as the server issued it")
+        return digest
 
     async def _read_url(self, url: str, kind: str = "image") -> bytes:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -184,10 +204,6 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
         except (OSError, ValueError, SyntaxError, KeyError, TypeError):
             orientation = 1
     return (image.height, image.width) if orientation in _QUARTER_TURNS else image.size
-
-
-def _article(kind: str) -> str:
-    return "an" if kind[0] in "aeiou" else "a"
 
 
 def parse_data_url(url: str, max_bytes: int, kind: str = "image") -> bytes:

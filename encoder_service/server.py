@@ -29,7 +29,7 @@ from mmserve.rpc.server import GrpcServer, bind_address
 from mmserve.rpc.tls import server_credentials
 from mmserve.wire.chunks import dtype_to_pb, tensor_to_chunks, torch_dtype
 from mmserve.wire.convert import header_to_pb, item_from_pb, modality_to_pb
-from mmserve.wire.media import EncodedItem, MediaItem
+from mmserve.wire.media import TENANT_METADATA, EncodedItem, MediaItem, valid_tenant
 from mmserve.wire.shm import ShmOffers
 from protos import encoder_pb2, encoder_pb2_grpc
 
@@ -44,6 +44,14 @@ def items_from_pb(request: encoder_pb2.EncodeRequest) -> list[MediaItem]:
         return [item_from_pb(item) for item in request.items]
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's tenant from the call's metadata (the default tenant when absent)."""
+    tenant = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
+    if not isinstance(tenant, str) or not valid_tenant(tenant):
+        raise InvalidRequest(f"metadata {TENANT_METADATA} must be 1-64 lowercase hex digits")
+    return tenant
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
@@ -72,7 +80,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         call.fields.update(items=len(request.items), tiles=0, cached=0, shm="yes" if shm else "no")
         try:
             items = items_from_pb(request)
-            async with contextlib.aclosing(encoder.encode_all(items)) as results:
+            async with contextlib.aclosing(encoder.encode_all(items,
+                                                              tenant_of(context))) as results:
                 media_index = 0
                 async for encoded in results:
                     for item in encoded:
@@ -118,7 +127,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         encoder = self.encoder
         if encoder is None:
             raise Unavailable("the encoder is still loading its tower; retry shortly")
-        estimates = await encoder.plan_all(items_from_pb(request))
+        estimates = await encoder.plan_all(items_from_pb(request), tenant_of(context))
         call.fields.update(items=len(estimates), rows=sum(e.num_tokens for e in estimates))
         return encoder_pb2.PlanResponse(items=[
             encoder_pb2.ItemPlan(num_tokens=e.num_tokens, num_tiles=e.num_tiles, pixels=e.pixels)

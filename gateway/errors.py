@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from gateway.protocol import ErrorDetail, ErrorResponse
 from gateway.request_model import FieldError
+from mmserve.wire.media import MEDIA_STORE_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,10 @@ def from_grpc(code: grpc.StatusCode, details: str | None,
         # The LLM service may say when to come back; otherwise a short back-off.
         hint = dict(trailing_metadata or ()).get("retry-after", "")
         headers["Retry-After"] = hint if hint.isdigit() else DEFAULT_RETRY_AFTER_S
-    return APIError(mapped.status, mapped.public_message or details or code.name.lower(),
+    public = mapped.public_message
+    if code is grpc.StatusCode.UNAVAILABLE and (details or "").startswith(MEDIA_STORE_UNAVAILABLE):
+        public = details  # says which media to send instead; names no host
+    return APIError(mapped.status, public or details or code.name.lower(),
                     type=mapped.type, code=mapped.code, headers=headers)
 
 

@@ -77,11 +77,11 @@ class Generation:
 
     @classmethod
     async def start(cls, llm: LLMClient, request: llm_pb2.GenerateRequest, receive: Receive,
-                    record: RequestRecord) -> Generation:
+                    record: RequestRecord, tenant: str = "") -> Generation:
         """Opens the call and waits for its first response, so that a request the
         LLM service rejects still gets its proper HTTP status."""
         record.request_id = request.request_id
-        generation = cls(llm.generate(request), receive, record)
+        generation = cls(llm.generate(request, tenant), receive, record)
         try:
             generation._first = await generation._read()
         except BaseException:

@@ -21,10 +21,11 @@ from gateway.protocol import (
     ContentPart,
     GenerationRequest,
 )
-from mmserve.rpc.auth import read_token, token_interceptors
 from gateway.tools import tool_calls_to_pb
+from mmserve.rpc.auth import read_token, token_interceptors
 from mmserve.rpc.tls import channel_credentials
 from mmserve.tracing import client_interceptors
+from mmserve.wire.media import TENANT_METADATA
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
 
 # The whole-server entry of the standard health service, the one Kubernetes' gRPC probes ask.
@@ -61,10 +62,15 @@ class LLMClient:
                    channel_credentials(config.llm_tls), read_token(config.internal_token_file),
                    traced=config.otlp_endpoint is not None)
 
-    def generate(self, request: llm_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
-        """Starts the server-streaming call; `cancel()` on it aborts the generation."""
+    def generate(self, request: llm_pb2.GenerateRequest,
+                 tenant: str = "") -> grpc.aio.UnaryStreamCall:
+        """Starts the server-streaming call; `cancel()` on it aborts the generation.
+        `tenant` scopes the media handles the request may name and mint."""
+        metadata = [("x-request-id", request.request_id)]
+        if tenant:
+            metadata.append((TENANT_METADATA, tenant))
         return self._llm.Generate(request, timeout=self._request_timeout_s,
-                                  metadata=(("x-request-id", request.request_id),))
+                                  metadata=tuple(metadata))
 
     async def model_info(self) -> llm_pb2.ModelInfo:
         return await self._llm.GetModelInfo(llm_pb2.ModelInfoRequest(),
@@ -80,7 +86,7 @@ class LLMClient:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def encoder_serving(self) -> bool | None:
-        """What the LLM service reports for its encoder (llm_service/readiness.py): None
+        """What the LLM service reports for its encoder pool (llm_service/encoder_health.py): None
         when it has none (text only) or does not say."""
         try:
             reply = await self._health.Check(

@@ -27,9 +27,21 @@ def parse_args(argv: list[str] | None = None,
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--encoder-address", default="",
-                   help="host:port, a comma-separated list, or dns:///name:port (round-robin)")
+                   help="host:port, a comma-separated list; a dns:///name:port entry "
+                        "stands for every address the name resolves to")
     p.add_argument("--encoder-wait", type=float, default=60,
                    help="seconds to wait for the encoder at start-up")
+    p.add_argument("--encoder-budget-s", type=float, default=None,
+                   help="seconds one media item's encoding may take (default 20); the "
+                        "request's own remaining time caps it too")
+    p.add_argument("--encoder-affinity", action=argparse.BooleanOptionalAction, default=None,
+                   help="send known content to the encoder replica that holds its embeddings "
+                        "(consistent hashing; default on)")
+    p.add_argument("--encoder-health-interval-s", type=float, default=None,
+                   help="seconds between health checks of each encoder replica (default 2)")
+    p.add_argument("--encoder-health-timeout-s", type=float, default=None,
+                   help="a replica slower than this to answer its health check is ejected "
+                        "(default 1)")
     p.add_argument("--embedding-transport", choices=("auto", "inband"),
                    default=None,
                    help="auto: take the encoder's rows through --shm-dir when it is on the same "

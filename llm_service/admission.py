@@ -25,11 +25,11 @@ def needs_plan(media: Sequence[MediaItem]) -> bool:
 
 async def check_media_fit(encoder: EncoderClient, tokenizer: Any, messages: Sequence[Message],
                           media: Sequence[MediaItem], max_model_len: int, request_id: str,
-                          timeout: float | None) -> None:
+                          timeout: float | None, tenant: str = "") -> None:
     """Raises InvalidRequest when the media's planned rows and the text cannot fit."""
     if not needs_plan(media):
         return
-    plans = await encoder.plan(list(media), request_id, timeout)
+    plans = await encoder.plan(list(media), request_id, timeout, tenant)
     rows = sum(p.num_tokens for p in plans)
     text = sum(len(tokenizer.encode(m.text)) for m in messages if m.text)
     # One position stays free for output, as the engine requires.

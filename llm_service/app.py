@@ -11,11 +11,11 @@ from pathlib import Path
 
 from llm_service.config import LLMConfig
 from llm_service.encoder_client import EncoderClient
+from llm_service.encoder_health import pool_settings, report_encoders
 from llm_service.engine.protocol import EngineClient
 from llm_service.errors import ServiceError
 from llm_service.generator import Generator
 from llm_service.prompt.families import load_family
-from llm_service.readiness import watch_encoder
 from llm_service.server import LLMServicer, build_server, watch_health
 from llm_service.tokenizer import load_tokenizer
 from llm_service.weights import resolve_checkpoint
@@ -75,10 +75,12 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
     engine = build_engine(config, model_dir)
     await engine.start()
     encoder = (EncoderClient(config.encoder_address, encoder_creds, config.encoder_shm_dir,
+                             config.encoder_budget_s, pool_settings(config),
                              token_interceptors(token) + client_interceptors(tracing.enabled))
                if config.encoder_address else None)
     try:
         if encoder is not None:
+            await encoder.start()
             await check_encoder(encoder, engine.hidden_size, config.encoder_wait_s)
         generator = Generator(engine, tokenizer, family, encoder, config.max_media_items)
         info = dict(model_id=config.model_name, family=config.family,
@@ -92,9 +94,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
             metrics_http = servicer.metrics.serve(config.host, config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", config.host, metrics_http.server_port)
         watcher = asyncio.create_task(watch_health(engine, server))
-        encoder_watch = (asyncio.create_task(watch_encoder(config.encoder_address,
-                                                           encoder_creds, server))
-                         if config.encoder_address else None)
+        encoders = (asyncio.create_task(report_encoders(encoder.pool, server.health))
+                    if encoder is not None else None)
         log.info("LLM service listening on %s:%d (%s, started in %.1f s)", config.host, port,
                  config.model_name, time.monotonic() - started)
         if ready is not None:
@@ -103,8 +104,8 @@ async def serve(config: LLMConfig, stop: asyncio.Event | None = None,
         await stop.wait()
         log.info("shutting down: draining for up to %.1f s", config.shutdown_grace_s)
         watcher.cancel()
-        if encoder_watch is not None:
-            encoder_watch.cancel()
+        if encoders is not None:
+            encoders.cancel()
         await server.stop(config.shutdown_grace_s)
         if config.metrics_port is not None:
             metrics_http.shutdown()

@@ -12,6 +12,9 @@ from mmserve.rpc.tls import TlsFiles
 ENGINE_KINDS = ("torch", "trtllm")
 # auto: offer the encoder same-host transfer through shm_dir when it is a writable directory.
 EMBEDDING_TRANSPORTS = ("auto", "inband")
+# Flags named as their fields; None (not given) keeps the default.
+ENCODER_POOL_FLAGS = ("encoder_budget_s", "encoder_affinity", "encoder_health_interval_s",
+                      "encoder_health_timeout_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,10 @@ class LLMConfig:
     cache_dir: Path | None = None
     encoder_address: str = ""  # empty: text only
     encoder_wait_s: float = 60.0  # how long start-up waits for the encoder's info call
+    encoder_budget_s: float = 20.0  # the most one media item's Encode call may take
+    encoder_affinity: bool = True  # known content to the replica holding its embeddings
+    encoder_health_interval_s: float = 2.0  # health checks of every encoder replica
+    encoder_health_timeout_s: float = 1.0  # slower: the replica is ejected as hung
     max_media_items: int = 16
     embedding_transport: str = "auto"
     shm_dir: str = "/dev/shm"  # must be the encoder's --shm-dir for same-host transfer
@@ -62,6 +69,12 @@ class LLMConfig:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if not 0 < self.encoder_budget_s <= 600:
+            raise ValueError(f"encoder_budget_s must be in (0, 600], got {self.encoder_budget_s}")
+        if self.encoder_health_interval_s <= 0 or self.encoder_health_timeout_s <= 0:
+            raise ValueError(f"encoder_health_interval_s and encoder_health_timeout_s must be "
+                             f"> 0, got {self.encoder_health_interval_s} and "
+                             f"{self.encoder_health_timeout_s}")
         if self.encoder_wait_s < 0:
             raise ValueError(f"encoder_wait_s must be >= 0, got {self.encoder_wait_s}")
         problems = (self.server_tls.problems("tls_", server=True)
@@ -103,6 +116,8 @@ class LLMConfig:
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             encoder_address=args.encoder_address,
             encoder_wait_s=args.encoder_wait,
+            **{name: getattr(args, name) for name in ENCODER_POOL_FLAGS
+               if getattr(args, name, None) is not None},
             max_media_items=llm.get("max_media_items", default["max_media_items"]),
             embedding_transport=getattr(args, "embedding_transport", None)
             or llm.get("embedding_transport", default["embedding_transport"]),

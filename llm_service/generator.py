@@ -47,6 +47,7 @@ class GenerateInput:
     priority: int = 0
     timeout: float | None = None
     tools: ToolRequest | None = None  # chat only: the functions the model may call
+    tenant: str = ""  # whose media handles the request may name
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +242,11 @@ class Generator:
         encode_started = time.monotonic()
         if media and self._encoder is not None:
             await check_media_fit(self._encoder, self._tokenizer, messages, media,
-                                  self._engine.max_model_len, inp.request_id, inp.timeout)
+                                  self._engine.max_model_len, inp.request_id, inp.timeout,
+                                  inp.tenant)
         with span("encode", items=len(media)):  # the encoder's spans are its children
-            encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout)
+            encoded = (await self._encoder.encode(media, inp.request_id, inp.timeout,
+                                                  inp.tenant)
                        if self._encoder is not None and media else [])
         encode_ms = (time.monotonic() - encode_started) * 1e3 if media else 0.0
         text = self._family.render(messages, encoded, inp.tools.tools if inp.tools else ())

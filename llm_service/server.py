@@ -27,6 +27,7 @@ from mmserve.rpc.calls import Call, rpc_method, status_for
 from mmserve.rpc.server import GrpcServer
 from mmserve.tracing import Tracing, record_span
 from mmserve.wire.convert import ref_from_pb
+from mmserve.wire.media import TENANT_METADATA
 from protos import common_pb2, llm_pb2, llm_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,15 @@ def input_from_pb(request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerCo
         priority=request.priority,
         timeout=context.time_remaining(),
         tools=tools,
+        tenant=tenant_of(context),
     )
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's tenant (`x-mmserve-tenant`, set by the gateway from the API key), passed
+    on to the encoder, which checks it; "" when absent."""
+    value = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
+    return value if isinstance(value, str) else ""
 
 
 def chunk_to_pb(chunk: Chunk) -> llm_pb2.GenerateResponse:

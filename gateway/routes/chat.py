@@ -29,6 +29,7 @@ from gateway.protocol import (
     TopLogprob,
     Usage,
 )
+from gateway.auth import tenant_of
 from gateway.request_record import record_of
 from gateway.sse import EventStreamResponse, event, with_ending
 
@@ -45,7 +46,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = await Generation.start(
         request.app.state.llm, chat_request_to_pb(body, request_id, identity.model_id),
-        request.receive, record_of(request))
+        request.receive, record_of(request), tenant_of(request))
     envelope = identity.envelope(request_id)
     if body.stream:
         return EventStreamResponse(with_ending(_chunks(generation, body, envelope)), generation)

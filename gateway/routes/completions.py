@@ -18,6 +18,7 @@ from gateway.protocol import (
     CompletionRequest,
     ErrorResponse,
 )
+from gateway.auth import tenant_of
 from gateway.request_record import record_of
 from gateway.sse import EventStreamResponse, event, with_ending
 
@@ -33,7 +34,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generation = await Generation.start(
         request.app.state.llm, completion_request_to_pb(body, request_id, identity.model_id),
-        request.receive, record_of(request))
+        request.receive, record_of(request), tenant_of(request))
     envelope = identity.envelope(request_id)
     if body.stream:
         return EventStreamResponse(with_ending(_chunks(generation, body, envelope)), generation)

@@ -23,6 +23,9 @@ from mmserve.rpc.drain import Drain
 from mmserve.tracing import ServerTracing, Tracing
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The LLM service's health entry for its encoder pool: SERVING while a replica is up. Not
+# part of "", so a stuck encoder pool does not take text generation (or the pod) out.
+ENCODER_POOL_HEALTH = "mmserve.encoder.v1.Encoder"
 
 
 def bind_address(host: str, port: int) -> str:

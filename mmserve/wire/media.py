@@ -6,7 +6,10 @@ from chat parts, the encoder resolves them and answers with `EncodedItem`s.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +19,15 @@ if TYPE_CHECKING:
 
 HANDLE_PREFIX = "mm://sha256:"
 _HANDLE = re.compile(re.escape(HANDLE_PREFIX) + "([0-9a-f]{64})")
+# Longer URLs are not looked at: a handle is exactly this long.
+HANDLE_LENGTH = len(HANDLE_PREFIX) + 64
+# gRPC metadata naming the caller's tenant (an opaque id the gateway derives from the API key);
+# handles resolve only for the tenant that uploaded them. Absent: the shared default tenant.
+TENANT_METADATA = "x-mmserve-tenant"
+_TENANT = re.compile("[0-9a-f]{1,64}")
+# Messages of UNAVAILABLE errors caused by the shared media store start with this: the
+# encoder itself is fine, so callers neither eject it nor retry the call elsewhere.
+MEDIA_STORE_UNAVAILABLE = "media store unavailable"
 
 
 class Modality(enum.IntEnum):
@@ -76,6 +88,43 @@ def handle_for(content_hash: str) -> str:
 
 
 def parse_handle(url: str) -> str | None:
-    """The hex digest of an `mm://sha256:<64 hex>` URL; None when it is not one."""
+    """The hex digest of an `mm://sha256:<64 hex>` URL; None when it is not one (checked
+    for length first, so a long string costs nothing)."""
+    if len(url) != HANDLE_LENGTH:
+        return None
     match = _HANDLE.fullmatch(url)
     return match.group(1) if match else None
+
+
+def valid_tenant(tenant: str) -> bool:
+    """Whether `tenant` is a well-formed tenant id: empty (the default) or 1-64 lowercase hex."""
+    return not tenant or _TENANT.fullmatch(tenant) is not None
+
+
+def source_hash(modality: Modality, data: bytes) -> str:
+    """The digest of an `mm://` handle for media uploaded as `data`: sha256 over the modality
+    and the file bytes, so the LLM service computes it from a request's bytes without
+    decoding them and sends the item to the encoder replica that saw it before."""
+    digest = hashlib.sha256(f"{modality.label};".encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def routing_key(item: MediaItem) -> str | None:
+    """What places `item` on an encoder replica: its handle's digest, or the `source_hash`
+    of its bytes (inline or a base64 data: URL); None for anything else (http(s), file:)."""
+    ref = item.frames[0] if item.frames else item.ref
+    modality = Modality.IMAGE if item.frames else item.modality
+    if ref.data:
+        return source_hash(modality, ref.data)
+    digest = parse_handle(ref.url)
+    if digest is not None:
+        return digest
+    if ref.url.startswith("data:"):
+        header, comma, payload = ref.url.partition(",")
+        if comma and header.endswith(";base64"):
+            try:
+                return source_hash(modality, base64.b64decode(payload, validate=True))
+            except (binascii.Error, ValueError):
+                return None  # the encoder explains what is wrong with it
+    return None

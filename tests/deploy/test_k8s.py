@@ -70,7 +70,8 @@ def test_model_configmap_matches_the_repository_config():
 
 def test_services_hpas_and_pdbs_target_real_pods(rendered):
     deployments = objects(rendered, "Deployment")
-    assert set(deployments) == {"mmserve-encoder", "mmserve-llm", "mmserve-gateway"}
+    assert set(deployments) == {"mmserve-encoder", "mmserve-llm", "mmserve-gateway",
+                                "mmserve-redis"}
     pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
     for kind in ("Service", "PodDisruptionBudget"):
         for name, obj in objects(rendered, kind).items():
@@ -78,7 +79,7 @@ def test_services_hpas_and_pdbs_target_real_pods(rendered):
             selector = selector if kind == "PodDisruptionBudget" else {"matchLabels": selector}
             assert selects(selector, pod_labels[name]), f"{kind}/{name} selects no pods"
     hpas = objects(rendered, "HorizontalPodAutoscaler")
-    assert set(hpas) == set(deployments)
+    assert set(hpas) == set(deployments) - {"mmserve-redis"}  # one store, not scaled
     for name, hpa in hpas.items():
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                                  "name": name}
@@ -91,7 +92,7 @@ def test_probes_resources_and_security(rendered):
     for name, deployment in objects(rendered, "Deployment").items():
         c = container(deployment)
         for probe in ("readinessProbe", "livenessProbe"):
-            kind = "httpGet" if name == "mmserve-gateway" else "grpc"
+            kind = {"mmserve-gateway": "httpGet", "mmserve-redis": "tcpSocket"}.get(name, "grpc")
             assert kind in c[probe], f"{name} {probe}"
         for part in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(c["resources"][part]), f"{name} {part}"
@@ -116,7 +117,8 @@ def test_gpus_only_in_the_gpu_overlay_on_separate_pools(rendered, overlay):
     if overlay == "cpu":
         assert set(gpus.values()) == {None}
         return
-    assert gpus == {"mmserve-encoder": 1, "mmserve-llm": 1, "mmserve-gateway": None}
+    assert gpus == {"mmserve-encoder": 1, "mmserve-llm": 1, "mmserve-gateway": None,
+                    "mmserve-redis": None}
     selectors = {n: d["spec"]["template"]["spec"].get("nodeSelector")
                  for n, d in deployments.items()}
     assert selectors["mmserve-encoder"] != selectors["mmserve-llm"]
@@ -153,7 +155,7 @@ def test_network_policy_chain_gateway_llm_encoder(rendered):
                     if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
     assert default_deny, "no default-deny ingress policy"
     services = objects(rendered, "Service")
-    for target, source in (("llm", "gateway"), ("encoder", "llm")):
+    for target, source in (("llm", "gateway"), ("encoder", "llm"), ("redis", "encoder")):
         sources, ports = allowed_sources(rendered, target)
         assert sources == {source}
         assert ports == {p["port"] for p in services[f"mmserve-{target}"]["spec"]["ports"]}
@@ -172,3 +174,22 @@ def test_mounted_config_and_api_keys_exist(rendered):
                 assert source["configMap"]["name"] in objects(rendered, "ConfigMap")
             if "secret" in source:
                 assert source["secret"]["secretName"] in secrets
+
+
+def test_encoders_use_the_redis_media_store_service(rendered):
+    """Every encoder replica reads the same store: the ConfigMap it loads names the Redis
+    Service and port, and the settings build a valid encoder config."""
+    from encoder_service.config import EncoderConfig
+
+    configmaps = objects(rendered, "ConfigMap")
+    (encoder,) = [d for n, d in objects(rendered, "Deployment").items() if n == "mmserve-encoder"]
+    (source,) = container(encoder)["envFrom"]
+    env = configmaps[source["configMapRef"]["name"]]["data"]
+    url = env["MMSERVE_ENCODER_MEDIA_STORE_URL"]
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    redis = objects(rendered, "Service")[host.split(".")[0]]
+    assert int(port) in {p["port"] for p in redis["spec"]["ports"]}
+    assert host.split(".")[1] == redis["metadata"]["namespace"]
+    config = EncoderConfig(media_store=env["MMSERVE_ENCODER_MEDIA_STORE"], media_store_url=url,
+                           media_store_ttl_s=float(env["MMSERVE_ENCODER_MEDIA_STORE_TTL_S"]))
+    assert config.media_store == "redis"

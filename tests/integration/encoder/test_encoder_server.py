@@ -91,8 +91,8 @@ async def test_the_same_image_twice_is_a_cache_hit_with_the_same_hash(channel, s
     assert second.content_hash == first.content_hash
     assert server.encoder.store.hits == 1 and server.encoder.batcher.tower_calls == calls
     assert torch.equal(rows_first, rows_second)
-    (by_handle,), _, _ = await encode(channel, url_item(f"mm://sha256:{first.content_hash}"))
-    assert by_handle.content_hash == first.content_hash
+    (by_handle,), _, _ = await encode(channel, url_item(first.handle))
+    assert by_handle.content_hash == first.content_hash and by_handle.cached
 
 
 async def test_items_are_streamed_in_order(channel):

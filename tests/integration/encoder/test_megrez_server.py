@@ -109,7 +109,7 @@ async def test_bad_audio_is_invalid_argument(channel, item, message):
 
 async def test_an_audio_handle_stands_in_for_the_audio(channel):
     (header, rows), = await encode(channel, audio_item(data=wav(1.0), mime_type="audio/wav"))
-    handle = f"mm://sha256:{header.content_hash}"
+    handle = header.handle
     (again, again_rows), = await encode(channel, audio_item(url=handle))
     assert (again.content_hash, again.num_tokens) == (header.content_hash, 27)
     torch.testing.assert_close(again_rows, rows, rtol=0, atol=0)

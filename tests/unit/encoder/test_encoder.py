@@ -11,7 +11,7 @@ import torch
 from encoder_service.encoder import Encoder
 from encoder_service.errors import InvalidMedia, InvalidRequest
 from encoder_service.towers.base import Tower
-from mmserve.wire.media import MediaItem, MediaRef, Modality
+from mmserve.wire.media import MediaItem, MediaRef, Modality, handle_for, source_hash
 
 from .images import png_bytes
 
@@ -73,9 +73,12 @@ async def test_repeated_content_skips_the_tower_and_handles_work(encoder):
     (first,) = await collect(encoder, [image_item(1000, 600)])
     seen = encoder.tower.tiles_seen
     (again,) = await collect(encoder, [image_item(1000, 600)])
-    handle = MediaItem(ref=MediaRef(url=f"mm://sha256:{first.content_hash}"))
+    # The handle names the uploaded file (what the LLM service can hash without decoding);
+    # the content hash names the decoded pixels and their preprocessing.
+    assert first.handle == handle_for(source_hash(Modality.IMAGE, image_item(1000, 600).ref.data))
+    handle = MediaItem(ref=MediaRef(url=first.handle))
     (by_handle,) = await collect(encoder, [handle])
-    assert again.cached and by_handle.cached
+    assert again.cached and by_handle.cached and by_handle.handle == first.handle
     assert again.content_hash == by_handle.content_hash == first.content_hash
     assert torch.equal(again.embeddings, first.embeddings)
     assert encoder.tower.tiles_seen == seen

@@ -13,12 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from encoder_service import fetcher
-from encoder_service.cache import ContentStore
 from encoder_service.errors import InvalidMedia, MediaForbidden
 from encoder_service.media import MediaResolver
 from mmserve.wire.media import MediaRef
 
 from .images import png_bytes
+from .test_media import memory_handles
 
 PNG = png_bytes(40, 30)
 
@@ -88,7 +88,7 @@ def server_port():
 
 
 def load(config, url: str):
-    return MediaResolver(config, ContentStore(1 << 20)).load_image(MediaRef(url=url))
+    return MediaResolver(config, memory_handles()).load_image(MediaRef(url=url))
 
 
 @pytest.fixture

@@ -9,14 +9,15 @@ import struct
 import zlib
 
 import pytest
-import torch
 from PIL import Image
 
-from encoder_service.cache import ContentStore, StoredItem
+from encoder_service.cache import ContentStore
 from encoder_service.config import EncoderConfig
 from encoder_service.errors import InvalidMedia, MediaForbidden, MediaNotFound
+from encoder_service.handles import HandleStore
 from encoder_service.media import MediaResolver
-from mmserve.wire.media import MediaRef
+from encoder_service.media_store import MemoryMediaStore
+from mmserve.wire.media import MediaRef, Modality, source_hash
 
 from .images import data_url, png_bytes
 
@@ -29,8 +30,12 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk + iend
 
 
-def resolver_for(config: EncoderConfig, store: ContentStore | None = None) -> MediaResolver:
-    return MediaResolver(config, store or ContentStore(1 << 20))
+def resolver_for(config: EncoderConfig, handles: HandleStore | None = None) -> MediaResolver:
+    return MediaResolver(config, handles or memory_handles())
+
+
+def memory_handles() -> HandleStore:
+    return HandleStore(ContentStore(1 << 20), MemoryMediaStore(1 << 20, ttl_s=60), ttl_s=60)
 
 
 async def test_inline_png_decodes_to_rgb(config):
@@ -154,15 +159,17 @@ async def test_missing_local_file_and_remote_host(config, media_dir):
 
 
 async def test_media_handles_resolve_from_the_store(config):
-    store = ContentStore(1 << 20)
-    image = Image.new("RGB", (4, 4), (9, 9, 9))
-    key = "ab" * 32
-    store.put(key, StoredItem(image, torch.zeros(256, 8), num_tiles=1))
-    assert await resolver_for(config, store).load_image(MediaRef(url=f"mm://sha256:{key}")) is image
+    handles = memory_handles()
+    resolver = resolver_for(config, handles)
+    image, digest = await resolver.resolve_image(MediaRef(data=png_bytes(4, 4)))
+    assert digest == source_hash(Modality.IMAGE, png_bytes(4, 4))
+    assert await resolver.load_image(MediaRef(url=f"mm://sha256:{digest}")) is image
     with pytest.raises(MediaNotFound, match="unknown media handle .*send the image itself again"):
-        await resolver_for(config, store).load_image(MediaRef(url="mm://sha256:" + "cd" * 32))
+        await resolver.load_image(MediaRef(url="mm://sha256:" + "cd" * 32))
     with pytest.raises(InvalidMedia, match="malformed media handle"):
-        await resolver_for(config, store).load_image(MediaRef(url="mm://sha256:XYZ"))
+        await resolver.load_image(MediaRef(url="mm://sha256:XYZ"))
+    with pytest.raises(InvalidMedia, match="malformed media handle"):
+        await resolver.load_image(MediaRef(url=f"mm://sha256:{digest}" + "0" * 10_000))
 
 
 async def test_a_nul_in_a_file_url_is_a_bad_request(config, media_dir):

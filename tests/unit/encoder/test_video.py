@@ -15,7 +15,7 @@ from encoder_service.errors import InvalidMedia, InvalidRequest
 from encoder_service.families import build_preprocessor
 from encoder_service.towers.demo import DemoTower
 from encoder_service.video import get_index, sample_frames
-from mmserve.wire.media import MediaItem, MediaRef, Modality
+from mmserve.wire.media import MediaItem, MediaRef, Modality, handle_for, source_hash
 
 
 @pytest.mark.parametrize("frames,segments,expected", [
@@ -132,7 +132,8 @@ async def test_frames_the_client_sent_are_items_with_their_own_handles(encoder):
         refs.append(MediaRef(data=buffer.getvalue()))
     sent = await encoder.encode(MediaItem(modality=Modality.VIDEO, frames=tuple(refs)))
     assert [(f.frame, f.num_tokens) for f in sent] == [(1, 256), (2, 256)]
-    assert [f.handle for f in sent] == [f"mm://sha256:{f.content_hash}" for f in sent]
+    assert [f.handle for f in sent] == [handle_for(source_hash(Modality.IMAGE, r.data))
+                                        for r in refs]
     # A frame's handle stands for that frame.
     again = await encoder.encode(MediaItem(modality=Modality.VIDEO,
                                            frames=(MediaRef(url=sent[1].handle),)))

@@ -21,7 +21,7 @@ class FakeEncoder:
         self.answers = answers
         self.asked: list[MediaItem] = []
 
-    async def encode(self, items, request_id, timeout=None):
+    async def encode(self, items, request_id, timeout=None, tenant=""):
         self.asked = list(items)
         return self.answers
 
