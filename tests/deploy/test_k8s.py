@@ -103,7 +103,10 @@ def test_probes_resources_and_security(rendered):
 
 def test_pods_outlast_the_services_drain(rendered):
     """SIGKILL (terminationGracePeriodSeconds) comes only after each service's drain."""
-    for name, deployment in objects(rendered, "Deployment").items():
+    services = {name: d for name, d in objects(rendered, "Deployment").items()
+                if container(d)["command"][0].startswith("mmserve-")}
+    assert len(services) == 3  # gateway, LLM, encoder (Redis is not ours)
+    for name, deployment in services.items():
         grace = flag_value(container(deployment)["args"], "--shutdown-grace-s")
         assert grace is not None, f"{name} sets no --shutdown-grace-s"
         pod = deployment["spec"]["template"]["spec"]
