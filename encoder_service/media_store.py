@@ -26,11 +26,6 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
-
 from encoder_service.errors import Unavailable
 from mmserve.wire.media import MEDIA_STORE_UNAVAILABLE, Modality, source_hash
 
@@ -224,6 +219,14 @@ class RedisMediaStore:
         self.address = f"{parts.hostname}:{parts.port or 6379}"  # never the password
         self._ttl_ms = int(ttl_s * 1000)
         self._max_entry, self._timeout = max_entry_bytes, timeout_s
+        # Imported here: the redis package imports OpenTelemetry when that is installed, which
+        # the other stores (and a service with tracing off) must not pay for.
+        from redis.asyncio import Redis
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+        from redis.retry import Retry
+
+        self._errors: tuple[type[Exception], ...] = (OSError, RedisError)
         self._redis = Redis.from_url(url, socket_timeout=timeout_s,
                                      socket_connect_timeout=timeout_s,
                                      retry=Retry(NoBackoff(), 0))
@@ -248,15 +251,16 @@ class RedisMediaStore:
         await self._redis.aclose()
 
     async def _run(self, operation: Awaitable[T]) -> T:
-        return await _bounded(self.description, self.address, self._timeout, operation)
+        return await _bounded(self.description, self.address, self._timeout, operation,
+                              self._errors)
 
     @staticmethod
     def _key(key: str) -> str:
         return f"mmserve:media:{key}"
 
 
-async def _bounded(description: str, address: str, timeout_s: float,
-                   operation: Awaitable[T]) -> T:
+async def _bounded(description: str, address: str, timeout_s: float, operation: Awaitable[T],
+                   errors: tuple[type[Exception], ...] = (OSError,)) -> T:
     """`operation` within the store's timeout; failures become StoreUnavailable (whose message
     the client sees: it names the kind of store, the log says where it is)."""
     try:
@@ -266,7 +270,7 @@ async def _bounded(description: str, address: str, timeout_s: float,
         raise StoreUnavailable(f"{MEDIA_STORE_UNAVAILABLE}: the {description} did not answer "
                                f"within {timeout_s:g} s; media handles cannot be resolved "
                                f"until it does, so send the media itself") from None
-    except (OSError, RedisError) as exc:
+    except errors as exc:
         log.warning("%s at %s failed: %s", description, address, exc)
         raise StoreUnavailable(f"{MEDIA_STORE_UNAVAILABLE}: the {description} failed "
                                f"({type(exc).__name__}); media handles cannot be resolved "

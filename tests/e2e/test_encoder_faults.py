@@ -97,7 +97,7 @@ def test_all_encoders_hung_is_a_bounded_503_or_504_and_recovers(stack):
         assert reply.json()["error"]["type"] == "server_error"
         assert elapsed < BUDGET_S + 3
         wait_until(lambda: ready(base) == 503, 10, interval_s=0.3)
-        assert httpx.get(base + "/ready", timeout=3).json()["encoder"] is False
+        assert httpx.get(base + "/ready", timeout=3).json()["reason"] == "encoder"
     finally:
         for proc in encoders:
             proc.send_signal(signal.SIGCONT)

@@ -25,7 +25,7 @@ class FakeEncoder:
         self.asked = list(items)
         return self.answers
 
-    async def plan(self, items, request_id, timeout=None):
+    async def plan(self, items, request_id, timeout=None, tenant=""):
         return [PlannedItem(sum(e.num_tokens for e in answer), len(answer), 0)
                 for answer in self.answers]
 
