@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import sys
@@ -35,6 +36,28 @@ def tle(monkeypatch):
     yield module
     for name in _trtllm_modules():
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+async def start(tle, engine_dir):
+    """start(**options) -> (a started TrtllmEngine on the fake, the fake executor it made),
+    for whichever flavour is imported when it is called; all shut down after the test."""
+    from llm_service.engine.trtllm import TrtllmEngine
+
+    engines = []
+
+    async def make(**options):
+        engine = TrtllmEngine.from_options(engine_dir, {"stats_interval_s": 0.01,
+                                                        "await_timeout_ms": 5, **options})
+        await engine.start()
+        engines.append(engine)
+        from tensorrt_llm.bindings import executor
+
+        return engine, executor.instances[-1]
+
+    yield make
+    for engine in engines:
+        await asyncio.wait_for(engine.shutdown(), 5)
 
 
 @pytest.fixture

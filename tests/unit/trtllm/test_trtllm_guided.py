@@ -3,37 +3,17 @@ own guided decoding, configured from the tokenizer and mapped from the same spec
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 
 from llm_service.engine.errors import InvalidRequest
 from llm_service.engine.protocol import EngineRequest, SamplingParams, StructuredOutput
-from llm_service.engine.trtllm import TrtllmEngine
 
 pytestmark = pytest.mark.timeout(60)
 
 PROMPT = [11, 12, 13, 14, 15]
 SCHEMA = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}})
-
-
-@pytest.fixture
-async def start(engine_dir):
-    engines = []
-
-    async def make(**options):
-        engine = TrtllmEngine.from_options(engine_dir, {"stats_interval_s": 0.01,
-                                                        "await_timeout_ms": 5, **options})
-        await engine.start()
-        engines.append(engine)
-        from tensorrt_llm.bindings import executor  # the flavour imported now
-
-        return engine, executor.instances[-1]
-
-    yield make
-    for engine in engines:
-        await asyncio.wait_for(engine.shutdown(), 5)
 
 
 async def collect(engine, request):

@@ -20,24 +20,6 @@ pytestmark = pytest.mark.timeout(30)
 PROMPT = [11, 12, 13, 14, 15]
 
 
-@pytest.fixture
-async def start(engine_dir):
-    engines = []
-
-    async def make(**options):
-        engine = TrtllmEngine.from_options(engine_dir, {"stats_interval_s": 0.01,
-                                                        "await_timeout_ms": 5, **options})
-        await engine.start()
-        engines.append(engine)
-        from tensorrt_llm.bindings import executor
-
-        return engine, executor.instances[-1]
-
-    yield make
-    for engine in engines:
-        await asyncio.wait_for(engine.shutdown(), 5)
-
-
 async def collect(engine, request):
     return [out async for out in engine.generate(request)]
 
