@@ -27,7 +27,8 @@ SOURCES = (CSRC / "paged_attention.cpp", CSRC / "layer_ops.cpp", CSRC / "skinny_
 HEADERS = (CSRC / "cpu_math.h",)
 OPS = ("paged_decode", "rms_norm", "add_rms_norm", "rope_and_cache", "silu_and_mul",
        "skinny_linear")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+          "-std=c++17"]
 _lock = threading.Lock()
 _loaded: bool | None = None
 _error: str | None = None

@@ -1,5 +1,7 @@
 // Scalar helpers shared by the CPU kernels, written so that `omp simd` loops over them
-// vectorize (AVX-512, AVX2, NEON: whatever the build machine has).
+// vectorize (AVX-512, AVX2, NEON: whatever the build machine has): no calls, and selects
+// instead of branches (the build passes -fno-trapping-math, without which gcc keeps even a
+// clamp as a branch and leaves the loop scalar).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -18,19 +20,37 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
+// fp32 -> bf16 bits, rounded to nearest even, without branches (so loops over it vectorize);
+// infinities stay infinite and a NaN becomes the quiet NaN, as in c10::BFloat16's conversion.
+inline uint16_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(x != x ? 0x7fc0u : rounded);  // NaN: the canonical quiet one
+}
+
 // Rounds like a store to T and a load back: identity for fp32, round-to-nearest-even for bf16.
 inline float round_as(float x, float) { return x; }
-inline float round_as(float x, c10::BFloat16) { return to_float(c10::BFloat16(x)); }
+inline float round_as(float x, c10::BFloat16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16_bits(x)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 template <typename T>
 inline void store(T* dst, float x) { *dst = static_cast<T>(x); }
+inline void store(c10::BFloat16* dst, float x) {
+  dst->x = bf16_bits(x);
+}
 
 // exp(x) for x <= 0: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative
 // error below 2e-7); inputs under -87 give 0.
 #pragma omp declare simd
 inline float exp_nonpositive(float x) {
   const float clamped = x < -87.0f ? -87.0f : x;
-  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  // floor, not nearbyint: nearbyint is a call that keeps the loop scalar.
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
   const float r = clamped - n * 0.693145751953125f - n * 1.428606765330187e-06f;
   float p = 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -49,8 +69,8 @@ inline float exp_nonpositive(float x) {
 #pragma omp declare simd
 inline float silu(float x) {
   const float e = exp_nonpositive(-std::fabs(x));
-  const float sigmoid = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-  return x * sigmoid;
+  const float numerator = x >= 0.0f ? 1.0f : e;  // a select, not a branch: loops vectorize
+  return x * (numerator / (1.0f + e));
 }
 
 }  // namespace mmserve

@@ -143,6 +143,18 @@ def test_silu_and_mul_matches_plain_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_keeps_the_edges(dtype):
+    """The kernel's exp and bf16 rounding are branch-free (so they vectorize): the edges must
+    still come out as torch's, past exp's range, at infinities and for NaN."""
+    edges = [0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 88.0, -88.0, -100.0, 1e30, -1e30,
+             float("inf"), float("-inf"), float("nan"), 3.3895e38, -3.3895e38]
+    gate = torch.tensor(edges + [0.5] * 16, dtype=dtype)  # past 16 lanes: the vector loop too
+    up = torch.full_like(gate, 1.5)
+    got = torch.ops.mmserve.silu_and_mul(torch.cat([gate, up]).unsqueeze(0))[0]
+    torch.testing.assert_close(got, F.silu(gate) * up, equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 8])
 @pytest.mark.parametrize("in_features", [64, 50])  # the vector path; the plain loop
 def test_skinny_linear_matches_torch(dtype, rows, in_features):
