@@ -376,15 +376,26 @@ def warm_up(server: Server, bodies: list[dict]) -> None:
     asyncio.run(closed_loop(server.url, "/v1/completions", short, 2))
 
 
+def native_bf16() -> bool:
+    import torch
+
+    from llm_service.engine.cpu_tuning import can_prepack
+
+    return can_prepack(torch.device("cpu"), torch.bfloat16)
+
+
 def measure_dtype(args, dtype: str, model_dir: Path, workdir: Path, venv: Path | None) -> None:
     label = DTYPES[dtype]
     levels = args.concurrency
-    prompts = make_prompts(model_dir, max(levels) * args.requests_per_client * args.rounds + 8)
     servers = [mmserve_stack(dtype, workdir)]
     if venv is not None:
         servers.append(vllm_server(venv, model_dir, dtype, workdir))
         if args.vllm_defaults:
             servers.append(vllm_server(venv, model_dir, dtype, workdir, tuned=False))
+    # Every run gets prompts no run has sent before (no system starts with a prefix cached
+    # by an earlier run), and the last four warm the servers up.
+    runs = sum(levels) * args.requests_per_client * args.rounds * len(servers)
+    prompts = make_prompts(model_dir, runs + 4)
     started = []
     try:
         for server in servers:
@@ -406,7 +417,7 @@ def measure_dtype(args, dtype: str, model_dir: Path, workdir: Path, venv: Path |
                 order = started if r % 2 == 0 else started[::-1]
                 for server in order:
                     bodies = completion_bodies(prompts[offset:offset + count], MODEL_NAME)
-                    offset = (offset + count) % (len(prompts) - count)
+                    offset += count
                     settle(started)
                     result = run_load(server, bodies, c, sample_rss=c == max(levels))
                     level.add(server.name, result)
@@ -489,6 +500,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mmserve-peers-") as tmp:
         if not args.image_only:
             for dtype in args.dtype:
+                if dtype == "bfloat16" and not native_bf16():
+                    print("bf16 skipped: this CPU has no native bf16 matmuls (AVX-512 BF16 or "
+                          "AMX), where both systems would emulate them", flush=True)
+                    continue
                 measure_dtype(args, dtype, model_dir, Path(tmp), venv)
         if args.image or args.image_only:
             image_path(args, Path(tmp), venv)
