@@ -23,10 +23,11 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_attention.cpp", CSRC / "layer_ops.cpp", CSRC / "skinny_linear.cpp")
+SOURCES = (CSRC / "paged_attention.cpp", CSRC / "layer_ops.cpp", CSRC / "skinny_linear.cpp",
+           CSRC / "panel_linear.cpp")
 HEADERS = (CSRC / "cpu_math.h",)
 OPS = ("paged_decode", "rms_norm", "add_rms_norm", "rope_and_cache", "silu_and_mul",
-       "skinny_linear")
+       "skinny_linear", "pack_panels", "panel_linear")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
           "-std=c++17"]
 _lock = threading.Lock()

@@ -142,6 +142,22 @@ def test_silu_and_mul_matches_plain_torch(dtype):
                                **TOL[dtype])
 
 
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_linear_matches_torch(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(48, 72, generator=g)
+    b = torch.randn(48, generator=g) if bias else None
+    x = torch.randn(rows, 72, generator=g)
+    got = torch.ops.mmserve.panel_linear(x, torch.ops.mmserve.pack_panels(w), b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_pack_panels_refuses_out_features_off_the_panel_width():
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.mmserve.pack_panels(torch.randn(40, 8))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_keeps_the_edges(dtype):
     """The kernel's exp and bf16 rounding are branch-free (so they vectorize): the edges must
