@@ -31,18 +31,14 @@ inline uint16_t bf16_bits(float x) {
 
 // Rounds like a store to T and a load back: identity for fp32, round-to-nearest-even for bf16.
 inline float round_as(float x, float) { return x; }
-inline float round_as(float x, c10::BFloat16) {
-  const uint32_t bits = static_cast<uint32_t>(bf16_bits(x)) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
+inline c10::BFloat16 to_bf16(float x) {
+  return c10::BFloat16(bf16_bits(x), c10::BFloat16::from_bits());
 }
+inline float round_as(float x, c10::BFloat16) { return to_float(to_bf16(x)); }
 
 template <typename T>
 inline void store(T* dst, float x) { *dst = static_cast<T>(x); }
-inline void store(c10::BFloat16* dst, float x) {
-  dst->x = bf16_bits(x);
-}
+inline void store(c10::BFloat16* dst, float x) { *dst = to_bf16(x); }
 
 // exp(x) for x <= 0: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative
 // error below 2e-7); inputs under -87 give 0.

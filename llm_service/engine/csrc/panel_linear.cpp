@@ -8,9 +8,9 @@
 // Threads split the panels; rows go in chunks that stay in L2 while a thread walks its
 // panels, so W is read from memory once per chunk.
 //
-// Registered as torch.ops.mmserve.pack_panels and torch.ops.mmserve.panel_linear. Built
-// everywhere; the engine uses it only on CPUs without AVX-512 (there oneDNN's kernels are
-// wider than this one).
+// Registered as torch.ops.mmserve.pack_panels and torch.ops.mmserve.panel_linear, for CPUs
+// without AVX-512 (where there is, oneDNN's kernels are wider than this one). The model's
+// projections do not call it yet: they run on oneDNN's packed weights.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
