@@ -88,10 +88,14 @@ class Linear(nn.Linear):
             return packed_linear(x, self.packed, self.bias)
         if x.is_cuda:
             return F.linear(x, self.weight, self.bias)
-        # Unpacked on CPU: (W @ x^T)^T runs faster in MKL than x @ W^T for a few rows.
+        # Unpacked on CPU (bf16 without native bf16 matmuls, or prepack_weights off):
+        # (W @ x^T)^T runs faster in MKL than x @ W^T for a few rows. Rows come back dense:
+        # the fused kernels downstream take contiguous [rows, features].
         if self.bias is None:
-            return torch.mm(self.weight, x.t()).t()
-        return torch.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
+            y = torch.mm(self.weight, x.t())
+        else:
+            y = torch.addmm(self.bias.unsqueeze(1), self.weight, x.t())
+        return y.t().contiguous()
 
 
 @dataclass(slots=True)

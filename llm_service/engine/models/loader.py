@@ -7,6 +7,7 @@ InternVL-style checkpoints are read too: the LLM's config sits under `llm_config
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from llm_service.engine.cpu_tuning import can_prepack
 from llm_service.engine.models import FAMILIES
 from llm_service.engine.models.llama import DecoderLM, DecoderSpec, Family
 from llm_service.engine.models.rope import RopeSpec
+
+log = logging.getLogger(__name__)
 
 
 def read_llm_config(model_dir: Path) -> dict:
@@ -142,6 +145,9 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
     model.setup_rotary(max_len or spec.max_position_embeddings)
     if prepack and can_prepack(device, dtype):
         model.prepack(prepack, keep_dense)
+    elif prepack and device.type == "cpu":
+        log.warning("%s projections stay unpacked: this CPU or torch build has no native %s "
+                    "matmuls (float32 is faster here)", dtype, dtype)
     return model.eval()
 
 
