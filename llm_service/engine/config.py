@@ -9,6 +9,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULING = ("fcfs", "priority")
 CPU_KERNELS = ("auto", "on", "off")
+CPU_LINEARS = ("auto", "onednn", "panels")
 PLACEMENTS = ("process", "thread")
 CPU_KV_CACHE_BYTES = 512 * 1024**2  # KV budget on CPU when kv_cache_bytes is not given
 
@@ -42,6 +43,11 @@ class EngineConfig:
     # oneDNN there); the cost is the weights held twice. bf16's packed path is already
     # bandwidth-bound and never keeps a copy.
     small_batch_linear: bool = True
+    # fp32 with the kernels: which packed matmul the projections run. "panels":
+    # mmserve::panel_linear (AVX2 register blocks over k-major panels, 1.2-1.6x oneDNN's
+    # packed linear on an AVX2-only CPU); "onednn": oneDNN's; "auto": panels on CPUs whose
+    # widest vectors are AVX2, oneDNN where it has AVX-512.
+    cpu_linear: str = "auto"
     keep_freed_memory: bool = True  # glibc keeps freed memory for the next step's temporaries
     cpu_threads: int | None = None  # the engine's torch threads on CPU; None: one per core
 
@@ -69,6 +75,8 @@ class EngineConfig:
              f"cpu_threads must be >= 1 or None, got {self.cpu_threads}"),
             (self.cpu_kernels in CPU_KERNELS,
              f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}"),
+            (self.cpu_linear in CPU_LINEARS,
+             f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}"),
             (self.scheduling in SCHEDULING,
              f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}"),
         ]

@@ -50,6 +50,12 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def widest_vectors_are_avx2() -> bool:
+    """x86 with AVX2 and FMA but no AVX-512: where mmserve::panel_linear beats oneDNN."""
+    flags = set(_cpu_flags().split())
+    return {"avx2", "fma"} <= flags and "avx512f" not in flags
+
+
 def _compiler_version() -> str:
     cxx = os.environ.get("CXX", "c++")
     try:

@@ -62,10 +62,14 @@ class ModelRunner:
         if on_cpu and config.keep_freed_memory and not keep_freed_memory():
             log.info("not glibc: freed memory goes back to the kernel (more page faults)")
         self.kernels = on_cpu and self._load_kernels(config.cpu_kernels)
-        skinny = self.kernels and config.small_batch_linear and self.dtype == torch.float32
+        fp32_kernels = self.kernels and self.dtype == torch.float32
+        self.panels = fp32_kernels and (config.cpu_linear == "panels" or (
+            config.cpu_linear == "auto" and cpu_kernels.widest_vectors_are_avx2()))
+        # panel_linear reads its panels at the memory's speed at a few rows too: no dense copy
+        skinny = fp32_kernels and config.small_batch_linear and not self.panels
         self.model = load_model(config.model_dir, self.device, self.dtype, max_len,
                                 prepack=config.max_num_seqs if config.prepack_weights else None,
-                                keep_dense=skinny)
+                                keep_dense=skinny, panels=self.panels)
         self.model.use_cpu_kernels(self.kernels, SKINNY_ROWS if skinny else 0)
         self.spec = spec
         self.block_size = config.block_size

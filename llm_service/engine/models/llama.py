@@ -59,12 +59,31 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+PANEL = 16  # mmserve::pack_panels' panel width: out_features must be a multiple of it
+
+
+def pack_for_cpu(weight: torch.Tensor, batch_hint: int, panels: bool) -> torch.Tensor:
+    """The packed form of a [out, in] weight: mmserve::pack_panels' panels (3-d) when asked
+    and the shape allows, else oneDNN's blocked layout (an opaque tensor)."""
+    if panels and weight.shape[0] % PANEL == 0:
+        return torch.ops.mmserve.pack_panels(weight.contiguous())
+    return pack_weight(weight, batch_hint)
+
+
+def cpu_packed_linear(x: torch.Tensor, packed: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    if packed.dim() == 3:
+        return torch.ops.mmserve.panel_linear(x, packed, bias)
+    return packed_linear(x, packed, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear that can hand its weight to oneDNN on CPU.
+    """nn.Linear that can hand its weight to a packed CPU matmul.
 
     On CPU, `prepack()` reorders the weight once into oneDNN's blocked layout (as vLLM's and
-    SGLang's CPU backends do); the packed matmul runs about twice as fast as the MKL path for
-    the few rows of a decode step and still faster for long prefills. The dense weight is
+    SGLang's CPU backends do), or, with `panels`, into mmserve::panel_linear's k-major panels
+    (faster on AVX2-only CPUs); either packed matmul runs about twice as fast as the MKL path
+    for the few rows of a decode step and still faster for long prefills. The dense weight is
     dropped then: the packed copy is all the layer reads.
     """
 
@@ -76,8 +95,8 @@ class Linear(nn.Linear):
         self.packed: torch.Tensor | None = None
         self.skinny_rows = 0  # steps of up to this many rows run mmserve::skinny_linear
 
-    def prepack(self, batch_hint: int, keep_dense: bool = False) -> None:
-        self.packed = pack_weight(self.weight, batch_hint)
+    def prepack(self, batch_hint: int, keep_dense: bool = False, panels: bool = False) -> None:
+        self.packed = pack_for_cpu(self.weight, batch_hint, panels)
         if not keep_dense:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
@@ -85,7 +104,7 @@ class Linear(nn.Linear):
         if x.shape[0] <= self.skinny_rows:
             return torch.ops.mmserve.skinny_linear(x, self.weight, self.bias)
         if self.packed is not None:
-            return packed_linear(x, self.packed, self.bias)
+            return cpu_packed_linear(x, self.packed, self.bias)
         if x.is_cuda:
             return F.linear(x, self.weight, self.bias)
         # Unpacked on CPU (bf16 without native bf16 matmuls, or prepack_weights off):
@@ -200,17 +219,18 @@ class DecoderLM(nn.Module):
             h = layer(h, embeds, rope, kv_cache.layer(i), meta)
         return embeds.add_(h) if h is not None else embeds
 
-    def prepack(self, batch_hint: int, keep_dense: bool = False) -> None:
-        """CPU: every projection and the lm_head move to oneDNN's packed layout (see Linear).
-        A tied lm_head gets a packed copy; the embedding table stays for lookups.
-        `keep_dense`: the dense weights stay too, for the skinny kernel."""
+    def prepack(self, batch_hint: int, keep_dense: bool = False, panels: bool = False) -> None:
+        """CPU: every projection and the lm_head move to a packed layout (oneDNN's, or with
+        `panels` mmserve::panel_linear's; see Linear). A tied lm_head gets a packed copy; the
+        embedding table stays for lookups. `keep_dense`: the dense weights stay too, for the
+        skinny kernel."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepack(batch_hint, keep_dense)
+                module.prepack(batch_hint, keep_dense, panels)
         if self.lm_head is None:
-            self.packed_lm_head = pack_weight(self.embed.weight, batch_hint)
+            self.packed_lm_head = pack_for_cpu(self.embed.weight, batch_hint, panels)
         else:
-            self.packed_lm_head = pack_weight(self.lm_head, batch_hint)
+            self.packed_lm_head = pack_for_cpu(self.lm_head, batch_hint, panels)
             if not keep_dense:
                 self.lm_head = nn.Parameter(self.lm_head.new_empty(0), requires_grad=False)
 
@@ -221,7 +241,7 @@ class DecoderLM(nn.Module):
             if weight.numel():
                 return torch.ops.mmserve.skinny_linear(hidden, weight, None)
         if self.packed_lm_head is not None:
-            return packed_linear(hidden, self.packed_lm_head, None)
+            return cpu_packed_linear(hidden, self.packed_lm_head, None)
         weight = self.embed.weight if self.lm_head is None else self.lm_head
         return F.linear(hidden, weight) if hidden.is_cuda else torch.mm(weight, hidden.t()).t()
 

@@ -106,10 +106,11 @@ def llm_weight_name(name: str) -> str:
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
                max_len: int | None = None, prepack: int | None = None,
-               keep_dense: bool = False) -> DecoderLM:
+               keep_dense: bool = False, panels: bool = False) -> DecoderLM:
     """Builds the model on `device` in `dtype`; rope tables cover `max_len` positions.
     `prepack`: on CPU, move the projections to oneDNN's packed layout, tuned for steps of
-    about this many rows (the packed matmul is much faster; see llama.Linear)."""
+    about this many rows, or with `panels` (fp32, the kernels loaded) to
+    mmserve::panel_linear's (the packed matmuls are much faster; see llama.Linear)."""
     spec = read_spec(model_dir)
     family = FAMILIES[spec.family]
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -144,7 +145,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
                          f"e.g. {missing[:3]}")
     model.setup_rotary(max_len or spec.max_position_embeddings)
     if prepack and can_prepack(device, dtype):
-        model.prepack(prepack, keep_dense)
+        model.prepack(prepack, keep_dense, panels)
     elif prepack and device.type == "cpu":
         log.warning("%s projections stay unpacked: this CPU or torch build has no native %s "
                     "matmuls (float32 is faster here)", dtype, dtype)

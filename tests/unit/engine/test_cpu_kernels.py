@@ -204,3 +204,14 @@ def test_a_model_on_the_kernels_gives_the_plain_torch_logits(tmp_path, family):
     assert runner.model.layers[0].qkv.skinny_rows == 0
     plain = engine_logits(runner, tokens, chunks)
     torch.testing.assert_close(with_kernels, plain, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("flags, panels", [
+    ("fpu sse2 avx fma avx2", True),
+    ("fpu sse2 avx fma avx2 avx512f avx512bw", False),  # oneDNN's AVX-512 path wins there
+    ("fpu sse2 avx", False),
+    ("fp asimd", False),
+])
+def test_auto_picks_panels_where_avx2_is_the_widest(monkeypatch, flags, panels):
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: flags)
+    assert cpu_kernels.widest_vectors_are_avx2() is panels

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from llm_service.engine import cpu_kernels
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.model_runner import ModelRunner
@@ -115,13 +116,19 @@ def test_a_mixed_batch_matches_each_sequence_alone(tmp_path):
 @pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
                     reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])  # tied lm_head and qkv bias; untied
-def test_cpu_runs_prepacked_projections_and_the_dense_path_agrees(tmp_path, family):
+@pytest.mark.parametrize("linear", ["onednn", "panels"])
+def test_cpu_runs_prepacked_projections_and_the_dense_path_agrees(tmp_path, family, linear):
+    if linear == "panels" and not cpu_kernels.load():
+        pytest.skip(f"the CPU kernels cannot be built here: {cpu_kernels.error()}")
     reference = save_checkpoint(tmp_path, family, seed=4)
-    runner = make_runner(tmp_path, small_batch_linear=False)
+    runner = make_runner(tmp_path, small_batch_linear=False, cpu_linear=linear)
     model = runner.model
     assert all(layer.qkv.packed is not None and layer.down.packed is not None
                for layer in model.layers)
     assert model.packed_lm_head is not None
+    # panels are a plain [out / 16, in, 16] tensor; oneDNN's layout is an opaque one
+    panel_shape = (model.spec.vocab_size // 16, model.spec.hidden_size, 16)
+    assert (tuple(model.packed_lm_head.shape) == panel_shape) == (linear == "panels")
     assert model.layers[0].gate_up.weight.numel() == 0  # the dense copy is released
     tokens = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     expected = reference_logits(reference, tokens)
