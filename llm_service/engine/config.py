@@ -38,15 +38,16 @@ class EngineConfig:
     # built here, "on" refuses to start without them, "off" never builds them.
     cpu_kernels: str = "auto"
     prepack_weights: bool = True  # projections on oneDNN's packed weights (fp32, bf16)
-    # fp32 with the kernels: steps of up to 4 rows (decodes of a few sequences) read a dense
-    # copy of each weight at the memory's speed (mmserve::skinny_linear, 15-30% faster than
-    # oneDNN there); the cost is the weights held twice. bf16's packed path is already
-    # bandwidth-bound and never keeps a copy.
+    # fp32 on oneDNN's packed weights (cpu_linear resolved to "onednn") with the kernels:
+    # steps of up to 4 rows (decodes of a few sequences) read a dense copy of each weight at
+    # the memory's speed (mmserve::skinny_linear, 15-30% faster than oneDNN there); the cost
+    # is the weights held twice. panel_linear is faster still there and keeps no copy; bf16's
+    # packed path is already bandwidth-bound and never keeps one either.
     small_batch_linear: bool = True
     # fp32 with the kernels: which packed matmul the projections run. "panels":
-    # mmserve::panel_linear (AVX2 register blocks over k-major panels, 1.2-1.6x oneDNN's
-    # packed linear on an AVX2-only CPU); "onednn": oneDNN's; "auto": panels on CPUs whose
-    # widest vectors are AVX2, oneDNN where it has AVX-512.
+    # mmserve::panel_linear (register blocks over k-major panels, handed out to threads
+    # dynamically; at decode's row counts 1.1-1.6x oneDNN's packed linear, on AVX2 and on
+    # AVX-512); "onednn": oneDNN's; "auto": panels on x86 CPUs with AVX2 and FMA.
     cpu_linear: str = "auto"
     keep_freed_memory: bool = True  # glibc keeps freed memory for the next step's temporaries
     cpu_threads: int | None = None  # the engine's torch threads on CPU; None: one per core

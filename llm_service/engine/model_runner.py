@@ -64,7 +64,7 @@ class ModelRunner:
         self.kernels = on_cpu and self._load_kernels(config.cpu_kernels)
         fp32_kernels = self.kernels and self.dtype == torch.float32
         self.panels = fp32_kernels and (config.cpu_linear == "panels" or (
-            config.cpu_linear == "auto" and cpu_kernels.widest_vectors_are_avx2()))
+            config.cpu_linear == "auto" and cpu_kernels.has_fma_vectors()))
         # panel_linear reads its panels at the memory's speed at a few rows too: no dense copy
         skinny = fp32_kernels and config.small_batch_linear and not self.panels
         self.model = load_model(config.model_dir, self.device, self.dtype, max_len,

@@ -1,16 +1,20 @@
-// y = x @ W^T (+ bias) in fp32 on CPUs whose widest vectors are AVX2 (+ FMA).
+// y = x @ W^T (+ bias) in fp32: a register-blocked kernel over k-major weight panels.
 //
-// oneDNN's AVX2 kernels lose about half the machine's FMA rate at the row counts of decode
-// steps (16 rows: 85-95 GFLOP/s on 2 cores against 160-170 at 512 rows). This is the
+// oneDNN's kernels lose much of the machine's FMA rate at the row counts of decode steps
+// (AVX2, 16 rows: 85-95 GFLOP/s on 2 cores against 160-170 at 512 rows). This is the
 // classic register-blocked kernel: W is packed once into panels of 16 output columns laid
-// out k-major ([N / 16, K, 16]), and each step multiplies up to 6 rows of x by one panel
-// with 12 accumulators, so every weight load feeds 6 rows and every x broadcast 2 FMAs.
-// Threads split the panels; rows go in chunks that stay in L2 while a thread walks its
-// panels, so W is read from memory once per chunk.
+// out k-major ([N / 16, K, 16]), and each step multiplies a block of rows of x by the
+// panels with every accumulator in a register, so every weight load feeds all the block's
+// rows and every x broadcast several FMAs:
+//   AVX2:    6 rows x 1 panel (2 ymm per row), 12 accumulators of 16
+//   AVX-512: 12 rows x 2 panels (1 zmm per row and panel), 24 accumulators of 32
+// Work is split into tasks of a few panels each, handed out dynamically: a thread that the
+// OS preempts for a moment (another process of the stack answering a token) holds back only
+// its current task, not a static half of the matmul that the other thread then waits for.
+// Rows go in chunks that stay in L2 while a task walks its panels, so W is read from memory
+// once per chunk.
 //
-// Registered as torch.ops.mmserve.pack_panels and torch.ops.mmserve.panel_linear, for CPUs
-// without AVX-512 (where there is, oneDNN's kernels are wider than this one). The model's
-// projections do not call it yet: they run on oneDNN's packed weights.
+// Registered as torch.ops.mmserve.pack_panels and torch.ops.mmserve.panel_linear.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,12 +25,77 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace {
 
 constexpr int64_t kPanel = 16;       // output columns per panel
 constexpr int64_t kRowBlock = 6;     // rows per register block
-constexpr int64_t kRowChunk = 96;    // rows per chunk (96 x 1536 fp32 = 576 KiB at most)
+constexpr int64_t kChunkBytes = 256 * 1024;  // x rows per chunk: about this much of L2
+constexpr int64_t kTaskPanels = 4;   // panels per task handed to a thread
+
+#if defined(__AVX512F__)
+// 12 rows x 2 panels: 24 zmm accumulators, 2 weight loads and 12 broadcasts per k.
+// `second` is the panel after `panel` (nullptr: one panel, 12 accumulators).
+template <int MR, bool Two>
+inline void block512(const float* x, int64_t ldx, const float* panel, int64_t K, float* y,
+                     int64_t ldy, const float* bias, const float* next) {
+  static_assert(MR >= 1 && MR <= 12, "up to 12 rows per block");
+  const float* second = panel + K * kPanel;
+  __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0,
+         b3 = a0, a4 = a0, b4 = a0, a5 = a0, b5 = a0, a6 = a0, b6 = a0, a7 = a0, b7 = a0,
+         a8 = a0, b8 = a0, a9 = a0, b9 = a0, a10 = a0, b10 = a0, a11 = a0, b11 = a0;
+#define MMSERVE_ROW(i)                                     \
+  if constexpr (MR > i) {                                  \
+    const __m512 v = _mm512_set1_ps(x[i * ldx + k]);       \
+    a##i = _mm512_fmadd_ps(v, w0, a##i);                   \
+    if constexpr (Two) b##i = _mm512_fmadd_ps(v, w1, b##i); \
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    if (next) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T0);
+      if constexpr (Two)
+        _mm_prefetch(reinterpret_cast<const char*>(next + (K + k) * kPanel), _MM_HINT_T0);
+    }
+    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel);
+    const __m512 w1 = Two ? _mm512_loadu_ps(second + k * kPanel) : w0;
+    MMSERVE_ROW(0) MMSERVE_ROW(1) MMSERVE_ROW(2) MMSERVE_ROW(3) MMSERVE_ROW(4) MMSERVE_ROW(5)
+    MMSERVE_ROW(6) MMSERVE_ROW(7) MMSERVE_ROW(8) MMSERVE_ROW(9) MMSERVE_ROW(10) MMSERVE_ROW(11)
+  }
+#undef MMSERVE_ROW
+  const __m512 c0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  const __m512 c1 = bias && Two ? _mm512_loadu_ps(bias + kPanel) : _mm512_setzero_ps();
+#define MMSERVE_STORE(i)                                                          \
+  if constexpr (MR > i) {                                                         \
+    _mm512_storeu_ps(y + i * ldy, _mm512_add_ps(a##i, c0));                       \
+    if constexpr (Two) _mm512_storeu_ps(y + i * ldy + kPanel, _mm512_add_ps(b##i, c1)); \
+  }
+  MMSERVE_STORE(0) MMSERVE_STORE(1) MMSERVE_STORE(2) MMSERVE_STORE(3) MMSERVE_STORE(4)
+  MMSERVE_STORE(5) MMSERVE_STORE(6) MMSERVE_STORE(7) MMSERVE_STORE(8) MMSERVE_STORE(9)
+  MMSERVE_STORE(10) MMSERVE_STORE(11)
+#undef MMSERVE_STORE
+}
+
+template <bool Two>
+void rows_by_panels512(const float* x, int64_t rows, int64_t ldx, const float* panel, int64_t K,
+                       float* y, int64_t ldy, const float* bias, const float* next) {
+  int64_t m = 0;
+  for (; m + 12 <= rows; m += 12, next = nullptr)
+    block512<12, Two>(x + m * ldx, ldx, panel, K, y + m * ldy, ldy, bias, next);
+  x += m * ldx;
+  y += m * ldy;
+  switch (rows - m) {
+#define MMSERVE_TAIL(r) case r: block512<r, Two>(x, ldx, panel, K, y, ldy, bias, next); break;
+    MMSERVE_TAIL(11) MMSERVE_TAIL(10) MMSERVE_TAIL(9) MMSERVE_TAIL(8) MMSERVE_TAIL(7)
+    MMSERVE_TAIL(6) MMSERVE_TAIL(5) MMSERVE_TAIL(4) MMSERVE_TAIL(3) MMSERVE_TAIL(2)
+    MMSERVE_TAIL(1)
+#undef MMSERVE_TAIL
+    default: break;
+  }
+}
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 // The accumulators are named, not an array: gcc keeps an array of vectors on the stack and
@@ -134,19 +203,43 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels,
   const float* xp = x.data_ptr<float>();
   const float* pp = panels.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Each thread takes a contiguous range of panels and walks it once per chunk of rows.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t grain = std::max<int64_t>(1, (num_panels + threads - 1) / threads);
-  at::parallel_for(0, num_panels, grain, [&](int64_t begin, int64_t end) {
+  // Tasks of kTaskPanels panels, handed out one at a time; a task walks its panels once per
+  // chunk of rows.
+  const int64_t num_tasks = (num_panels + kTaskPanels - 1) / kTaskPanels;
+  const int64_t kRowChunk = std::max<int64_t>(12, kChunkBytes / (K * 4) / 12 * 12);
+  auto run_task = [&](int64_t task) {
+    const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
     for (int64_t m = 0; m < rows; m += kRowChunk) {
       const int64_t chunk = std::min(kRowChunk, rows - m);
+      const float* xm = xp + m * ldx;
+#if defined(__AVX512F__)
+      for (int64_t p = begin; p < end; p += 2) {
+        const int64_t step = std::min<int64_t>(2, end - p);
+        const float* next = p + step < end ? pp + (p + step) * K * kPanel : nullptr;
+        const float* panel = pp + p * K * kPanel;
+        float* yo = yp + m * N + p * kPanel;
+        const float* bo = bp ? bp + p * kPanel : nullptr;
+        if (step == 2)
+          rows_by_panels512<true>(xm, chunk, ldx, panel, K, yo, N, bo, next);
+        else
+          rows_by_panels512<false>(xm, chunk, ldx, panel, K, yo, N, bo, next);
+      }
+#else
       for (int64_t p = begin; p < end; ++p) {
         const float* next = p + 1 < end ? pp + (p + 1) * K * kPanel : nullptr;
-        rows_by_panel(xp + m * ldx, chunk, ldx, pp + p * K * kPanel, K, yp + m * N + p * kPanel,
-                      N, bp ? bp + p * kPanel : nullptr, next);
+        rows_by_panel(xm, chunk, ldx, pp + p * K * kPanel, K, yp + m * N + p * kPanel, N,
+                      bp ? bp + p * kPanel : nullptr, next);
       }
+#endif
     }
-  });
+  };
+#if defined(_OPENMP)
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_tasks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t task = 0; task < num_tasks; ++task) run_task(task);
+#else
+  for (int64_t task = 0; task < num_tasks; ++task) run_task(task);
+#endif
   return y;
 }
 
