@@ -44,10 +44,10 @@ class EngineConfig:
     # is the weights held twice. panel_linear is faster still there and keeps no copy; bf16's
     # packed path is already bandwidth-bound and never keeps one either.
     small_batch_linear: bool = True
-    # fp32 with the kernels: which packed matmul the projections run. "panels":
-    # mmserve::panel_linear (register blocks over k-major panels, handed out to threads
-    # dynamically; at decode's row counts 1.1-1.6x oneDNN's packed linear, on AVX2 and on
-    # AVX-512); "onednn": oneDNN's; "auto": panels on x86 CPUs with AVX2 and FMA.
+    # With the kernels: which packed matmul the projections run. "panels": mmserve::panel_linear
+    # (register blocks over k-major panels, handed out to threads dynamically; at decode's
+    # row counts 1.1-1.6x oneDNN's packed linear in fp32 on AVX2 and AVX-512, and in bf16 on
+    # AVX-512 BF16); "onednn": oneDNN's; "auto": panels where the CPU has those instructions.
     cpu_linear: str = "auto"
     keep_freed_memory: bool = True  # glibc keeps freed memory for the next step's temporaries
     cpu_threads: int | None = None  # the engine's torch threads on CPU; None: one per core

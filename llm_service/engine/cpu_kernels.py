@@ -56,6 +56,11 @@ def has_fma_vectors() -> bool:
     return {"avx2", "fma"} <= set(_cpu_flags().split())
 
 
+def has_bf16_dot() -> bool:
+    """AVX-512 BF16 (vdpbf16ps): where mmserve::panel_linear takes bf16 weights."""
+    return "avx512_bf16" in _cpu_flags().split()
+
+
 def _compiler_version() -> str:
     cxx = os.environ.get("CXX", "c++")
     try:

@@ -62,11 +62,10 @@ class ModelRunner:
         if on_cpu and config.keep_freed_memory and not keep_freed_memory():
             log.info("not glibc: freed memory goes back to the kernel (more page faults)")
         self.kernels = on_cpu and self._load_kernels(config.cpu_kernels)
-        fp32_kernels = self.kernels and self.dtype == torch.float32
-        self.panels = fp32_kernels and (config.cpu_linear == "panels" or (
-            config.cpu_linear == "auto" and cpu_kernels.has_fma_vectors()))
+        self.panels = self._use_panels(config.cpu_linear, config.prepack_weights)
         # panel_linear reads its panels at the memory's speed at a few rows too: no dense copy
-        skinny = fp32_kernels and config.small_batch_linear and not self.panels
+        skinny = (self.kernels and self.dtype == torch.float32 and config.small_batch_linear
+                  and not self.panels)
         self.model = load_model(config.model_dir, self.device, self.dtype, max_len,
                                 prepack=config.max_num_seqs if config.prepack_weights else None,
                                 keep_dense=skinny, panels=self.panels)
@@ -87,6 +86,18 @@ class ModelRunner:
             log.warning("max_model_len lowered from %d to %d to fit the KV pool (%d blocks)",
                         max_len, self.max_model_len, num_blocks)
         self.sampler = Sampler(config.seed)
+
+    def _use_panels(self, mode: str, prepack: bool) -> bool:
+        """Whether the projections run mmserve::panel_linear (see EngineConfig.cpu_linear)."""
+        fits = self.kernels and prepack and (
+            (self.dtype == torch.float32 and cpu_kernels.has_fma_vectors())
+            or (self.dtype == torch.bfloat16 and cpu_kernels.has_bf16_dot()))
+        if mode == "panels" and not fits:
+            raise ValueError(
+                f"cpu_linear is 'panels' but panel_linear cannot run {self.dtype} here: it needs "
+                f"the CPU kernels, prepack_weights, and AVX2 + FMA (float32) or AVX-512 BF16 "
+                f"(bfloat16); use 'auto' or 'onednn'")
+        return fits and mode != "onednn"
 
     def _load_kernels(self, mode: str) -> bool:
         if mode == "off":

@@ -8,6 +8,7 @@
 // rows and every x broadcast several FMAs:
 //   AVX2:    6 rows x 1 panel (2 ymm per row), 12 accumulators of 16
 //   AVX-512: 12 rows x 2 panels (1 zmm per row and panel), 24 accumulators of 32
+//   AVX-512 BF16: the same blocks over bf16 weights and rows, with dot-product instructions
 // Work is split into tasks of a few panels each, handed out dynamically: a thread that the
 // OS preempts for a moment (another process of the stack answering a token) holds back only
 // its current task, not a static half of the matmul that the other thread then waits for.
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -138,6 +140,77 @@ inline void block(const float* x, int64_t ldx, const float* panel, int64_t K, fl
   MMSERVE_STORE(5)
 #undef MMSERVE_STORE
 }
+#if defined(__AVX512BF16__)
+// bf16: W packed as [N / 16, K / 2, 16, 2] (each k pair of a panel's 16 columns is one zmm)
+// and each x pair broadcast as one 32-bit lane, so one vdpbf16ps does 32 multiply-adds into
+// 16 fp32 accumulators: twice fp32's rate, from half the bytes. Rounded to bf16 once, at the
+// store, as oneDNN does.
+template <int MR, bool Two>
+inline void block_bf16(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* panel,
+                       int64_t K2, c10::BFloat16* y, int64_t ldy, const float* bias,
+                       const c10::BFloat16* next) {
+  static_assert(MR >= 1 && MR <= 12, "up to 12 rows per block");
+  constexpr int64_t kPair = 2 * kPanel;  // bf16 values per k pair of a panel
+  const c10::BFloat16* second = panel + K2 * kPair;
+  __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0,
+         b3 = a0, a4 = a0, b4 = a0, a5 = a0, b5 = a0, a6 = a0, b6 = a0, a7 = a0, b7 = a0,
+         a8 = a0, b8 = a0, a9 = a0, b9 = a0, a10 = a0, b10 = a0, a11 = a0, b11 = a0;
+#define MMSERVE_ROW(i)                                                              \
+  if constexpr (MR > i) {                                                           \
+    int32_t pair;                                                                   \
+    std::memcpy(&pair, x + i * ldx + 2 * j, sizeof(pair));                          \
+    const __m512bh v = (__m512bh)_mm512_set1_epi32(pair);                           \
+    a##i = _mm512_dpbf16_ps(a##i, v, w0);                                           \
+    if constexpr (Two) b##i = _mm512_dpbf16_ps(b##i, v, w1);                        \
+  }
+  for (int64_t j = 0; j < K2; ++j) {
+    if (next) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + j * kPair), _MM_HINT_T0);
+      if constexpr (Two)
+        _mm_prefetch(reinterpret_cast<const char*>(next + (K2 + j) * kPair), _MM_HINT_T0);
+    }
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + j * kPair);
+    const __m512bh w1 = Two ? (__m512bh)_mm512_loadu_si512(second + j * kPair) : w0;
+    MMSERVE_ROW(0) MMSERVE_ROW(1) MMSERVE_ROW(2) MMSERVE_ROW(3) MMSERVE_ROW(4) MMSERVE_ROW(5)
+    MMSERVE_ROW(6) MMSERVE_ROW(7) MMSERVE_ROW(8) MMSERVE_ROW(9) MMSERVE_ROW(10) MMSERVE_ROW(11)
+  }
+#undef MMSERVE_ROW
+  const __m512 c0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  const __m512 c1 = bias && Two ? _mm512_loadu_ps(bias + kPanel) : _mm512_setzero_ps();
+#define MMSERVE_STORE(i)                                                                  \
+  if constexpr (MR > i) {                                                                 \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy),                          \
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(a##i, c0)));            \
+    if constexpr (Two)                                                                    \
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + kPanel),               \
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(b##i, c1)));          \
+  }
+  MMSERVE_STORE(0) MMSERVE_STORE(1) MMSERVE_STORE(2) MMSERVE_STORE(3) MMSERVE_STORE(4)
+  MMSERVE_STORE(5) MMSERVE_STORE(6) MMSERVE_STORE(7) MMSERVE_STORE(8) MMSERVE_STORE(9)
+  MMSERVE_STORE(10) MMSERVE_STORE(11)
+#undef MMSERVE_STORE
+}
+
+template <bool Two>
+void rows_by_panels_bf16(const c10::BFloat16* x, int64_t rows, int64_t ldx,
+                         const c10::BFloat16* panel, int64_t K2, c10::BFloat16* y, int64_t ldy,
+                         const float* bias, const c10::BFloat16* next) {
+  int64_t m = 0;
+  for (; m + 12 <= rows; m += 12, next = nullptr)
+    block_bf16<12, Two>(x + m * ldx, ldx, panel, K2, y + m * ldy, ldy, bias, next);
+  x += m * ldx;
+  y += m * ldy;
+  switch (rows - m) {
+#define MMSERVE_TAIL(r) case r: block_bf16<r, Two>(x, ldx, panel, K2, y, ldy, bias, next); break;
+    MMSERVE_TAIL(11) MMSERVE_TAIL(10) MMSERVE_TAIL(9) MMSERVE_TAIL(8) MMSERVE_TAIL(7)
+    MMSERVE_TAIL(6) MMSERVE_TAIL(5) MMSERVE_TAIL(4) MMSERVE_TAIL(3) MMSERVE_TAIL(2)
+    MMSERVE_TAIL(1)
+#undef MMSERVE_TAIL
+    default: break;
+  }
+}
+#endif
+
 #else
 template <int MR>
 inline void block(const float* x, int64_t ldx, const float* panel, int64_t K, float* y,
@@ -171,20 +244,94 @@ void rows_by_panel(const float* x, int64_t rows, int64_t ldx, const float* panel
   }
 }
 
+// Runs fn(0 .. tasks - 1) on torch's threads, one task at a time to whichever is free.
+template <typename Fn>
+void for_each_task(int64_t tasks, const Fn& fn) {
+#if defined(_OPENMP)
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t task = 0; task < tasks; ++task) fn(task);
+#else
+  for (int64_t task = 0; task < tasks; ++task) fn(task);
+#endif
+}
+
 at::Tensor pack_panels(const at::Tensor& weight) {
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 2,
-              "pack_panels: weight must be a float32 CPU [out, in] matrix");
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(weight.device().is_cpu() && (weight.scalar_type() == at::kFloat || bf16) &&
+                  weight.dim() == 2,
+              "pack_panels: weight must be a float32 or bfloat16 CPU [out, in] matrix");
   TORCH_CHECK(weight.size(0) % kPanel == 0, "pack_panels: out_features (", weight.size(0),
               ") must be a multiple of ", kPanel);
   const int64_t N = weight.size(0), K = weight.size(1);
-  return weight.reshape({N / kPanel, kPanel, K}).transpose(1, 2).contiguous();
+  if (!bf16) return weight.reshape({N / kPanel, kPanel, K}).transpose(1, 2).contiguous();
+#if defined(__AVX512BF16__)
+  TORCH_CHECK(K % 2 == 0, "pack_panels: bfloat16 in_features (", K, ") must be even");
+  // [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2], stored as [N/16, K/2, 32]
+  return weight.reshape({N / kPanel, kPanel, K / 2, 2}).permute({0, 2, 1, 3}).contiguous()
+      .reshape({N / kPanel, K / 2, 2 * kPanel});
+#else
+  TORCH_CHECK(false, "pack_panels: bfloat16 panels need a CPU with AVX-512 BF16");
+#endif
 }
+
+#if defined(__AVX512BF16__)
+at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(panels.scalar_type() == at::kBFloat16 && panels.dim() == 3 &&
+                  panels.is_contiguous() && panels.size(2) == 2 * kPanel,
+              "panel_linear: bfloat16 panels must come from pack_panels");
+  TORCH_CHECK(2 * panels.size(1) == x.size(1), "panel_linear: x has ", x.size(1),
+              " features, the weight ", 2 * panels.size(1));
+  const int64_t rows = x.size(0), K = x.size(1), K2 = K / 2, num_panels = panels.size(0);
+  const int64_t N = num_panels * kPanel, ldx = x.stride(0);
+  at::Tensor bias_f;  // the bias in fp32, added before the one rounding
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "panel_linear: bias must be [out]");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({rows, N}, x.options());
+  if (rows == 0) return y;
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto* pp = panels.data_ptr<c10::BFloat16>();
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t panel_size = K2 * 2 * kPanel;
+  const int64_t num_tasks = (num_panels + kTaskPanels - 1) / kTaskPanels;
+  const int64_t row_chunk = std::max<int64_t>(12, kChunkBytes / (K * 2) / 12 * 12);
+  for_each_task(num_tasks, [&](int64_t task) {
+    const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
+    for (int64_t m = 0; m < rows; m += row_chunk) {
+      const int64_t chunk = std::min(row_chunk, rows - m);
+      for (int64_t p = begin; p < end; p += 2) {
+        const int64_t step = std::min<int64_t>(2, end - p);
+        const c10::BFloat16* next = p + step < end ? pp + (p + step) * panel_size : nullptr;
+        const c10::BFloat16* panel = pp + p * panel_size;
+        c10::BFloat16* yo = yp + m * N + p * kPanel;
+        const float* bo = bp ? bp + p * kPanel : nullptr;
+        if (step == 2)
+          rows_by_panels_bf16<true>(xp + m * ldx, chunk, ldx, panel, K2, yo, N, bo, next);
+        else
+          rows_by_panels_bf16<false>(xp + m * ldx, chunk, ldx, panel, K2, yo, N, bo, next);
+      }
+    }
+  });
+  return y;
+}
+#endif
 
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels,
                         const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
-                  x.stride(1) == 1,
-              "panel_linear: x must be a float32 CPU [rows, in] with dense rows");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
+              "panel_linear: x must be a CPU [rows, in] with dense rows");
+  if (x.scalar_type() == at::kBFloat16) {
+#if defined(__AVX512BF16__)
+    return panel_linear_bf16(x, panels, bias);
+#else
+    TORCH_CHECK(false, "panel_linear: bfloat16 needs a CPU with AVX-512 BF16");
+#endif
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "panel_linear: x must be float32 or bfloat16");
   TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.dim() == 3 && panels.is_contiguous() &&
                   panels.size(2) == kPanel,
               "panel_linear: panels must come from pack_panels");
@@ -233,13 +380,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels,
 #endif
     }
   };
-#if defined(_OPENMP)
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_tasks));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t task = 0; task < num_tasks; ++task) run_task(task);
-#else
-  for (int64_t task = 0; task < num_tasks; ++task) run_task(task);
-#endif
+  for_each_task(num_tasks, run_task);
   return y;
 }
 

@@ -65,7 +65,8 @@ PANEL = 16  # mmserve::pack_panels' panel width: out_features must be a multiple
 def pack_for_cpu(weight: torch.Tensor, batch_hint: int, panels: bool) -> torch.Tensor:
     """The packed form of a [out, in] weight: mmserve::pack_panels' panels (3-d) when asked
     and the shape allows, else oneDNN's blocked layout (an opaque tensor)."""
-    if panels and weight.shape[0] % PANEL == 0:
+    if panels and weight.shape[0] % PANEL == 0 and (
+            weight.dtype == torch.float32 or weight.shape[1] % 2 == 0):  # bf16: k in pairs
         return torch.ops.mmserve.pack_panels(weight.contiguous())
     return pack_weight(weight, batch_hint)
 

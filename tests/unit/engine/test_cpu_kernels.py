@@ -156,6 +156,22 @@ def test_panel_linear_matches_torch(rows, out_features, in_features, bias):
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=2e-4)
 
 
+@pytest.mark.skipif(not cpu_kernels.has_bf16_dot(), reason="this CPU has no AVX-512 BF16")
+@pytest.mark.parametrize("rows", [1, 7, 12, 25, 100])
+@pytest.mark.parametrize("out_features, in_features", [(48, 72), (176, 2048)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_linear_in_bf16_rounds_once(rows, out_features, in_features, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16() if bias else None
+    x = torch.randn(rows, in_features + 8, generator=g).bfloat16()[:, 2: 2 + in_features]
+    got = torch.ops.mmserve.panel_linear(x, torch.ops.mmserve.pack_panels(w), b)
+    assert got.dtype == torch.bfloat16
+    # the fp32 sum of the bf16 products, rounded once to bf16: at most half a bf16 step off
+    exact = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+
+
 def test_pack_panels_refuses_out_features_off_the_panel_width():
     with pytest.raises(RuntimeError, match="multiple of 16"):
         torch.ops.mmserve.pack_panels(torch.randn(40, 8))

@@ -35,3 +35,15 @@ def test_the_config_is_frozen():
     config = EngineConfig(model_dir=Path("m"))
     with pytest.raises(AttributeError):
         config.block_size = 32
+
+
+def test_panels_asked_for_where_they_cannot_run_is_refused_with_the_way_out(tmp_path):
+    from llm_service.engine.model_runner import ModelRunner
+    from tiny_checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path, "llama")
+    with pytest.raises(ValueError, match="cpu_linear is 'panels'.*use 'auto' or 'onednn'"):
+        ModelRunner(EngineConfig(model_dir=tmp_path, device="cpu", cpu_kernels="off",
+                                 cpu_linear="panels", kv_cache_bytes=1 << 20))
+    with pytest.raises(ValueError, match="cpu_linear must be one of"):
+        EngineConfig(model_dir=tmp_path, cpu_linear="mkl")

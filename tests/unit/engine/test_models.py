@@ -167,20 +167,28 @@ def test_unknown_architecture_is_refused(tmp_path):
 NATIVE_BF16 = can_prepack(torch.device("cpu"), torch.bfloat16)
 
 
-@pytest.mark.parametrize("packed", [
-    pytest.param(True, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("linear", [
+    pytest.param("onednn", marks=pytest.mark.skipif(
         not NATIVE_BF16, reason="this CPU or torch build has no native bf16 matmuls")),
-    False,  # what CPUs without native bf16 run: dense weights, under the fused kernels
+    pytest.param("panels", marks=pytest.mark.skipif(
+        not (NATIVE_BF16 and cpu_kernels.has_bf16_dot() and cpu_kernels.load()),
+        reason="bf16 panels need AVX-512 BF16 and the CPU kernels")),
+    None,  # what CPUs without native bf16 run: dense weights, under the fused kernels
 ])
-def test_bf16_is_as_close_to_fp32_as_transformers_bf16(tmp_path, packed):
+def test_bf16_is_as_close_to_fp32_as_transformers_bf16(tmp_path, linear):
     reference = save_checkpoint(tmp_path, "llama", seed=6)
     tokens = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(3)).tolist()
     fp32 = reference_logits(reference, tokens)
     hf_bf16 = reference_logits(reference.to(torch.bfloat16), tokens).float()
-    runner = make_runner(tmp_path, dtype="bfloat16", prepack_weights=packed)
+    runner = make_runner(tmp_path, dtype="bfloat16", prepack_weights=linear is not None,
+                         cpu_linear=linear or "auto")
     assert runner.dtype == torch.bfloat16 and runner.kv_cache.pool.dtype == torch.bfloat16
-    assert (runner.model.layers[0].qkv.packed is not None) == packed
-    assert (runner.model.packed_lm_head is not None) == packed
+    packed = runner.model.layers[0].qkv.packed
+    assert (packed is not None) == (linear is not None)
+    assert (runner.model.packed_lm_head is not None) == (linear is not None)
+    assert runner.panels == (linear == "panels")
+    if packed is not None:
+        assert (packed.dim() == 3) == (linear == "panels")
     ours = engine_logits(runner, tokens, [17, 1, 12]).float()
     # bf16 keeps 8 bits of mantissa: both drift from fp32 by about as much
     assert (ours - fp32).abs().max() <= 2 * (hf_bf16 - fp32).abs().max()
