@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -39,40 +40,66 @@ constexpr int64_t kChunkBytes = 256 * 1024;  // x rows per chunk: about this muc
 constexpr int64_t kTaskPanels = 4;   // panels per task handed to a thread
 
 #if defined(__AVX512F__)
-// 12 rows x 2 panels: 24 zmm accumulators, 2 weight loads and 12 broadcasts per k.
-// `second` is the panel after `panel` (nullptr: one panel, 12 accumulators).
-template <int MR, bool Two>
-inline void block512(const float* x, int64_t ldx, const float* panel, int64_t K, float* y,
-                     int64_t ldy, const float* bias, const float* next) {
+// The zmm kernel's per-dtype steps. fp32: 16 columns of one k per vector, one x value
+// broadcast, FMA. bf16: W packed as [N / 16, K / 2, 16, 2], so a vector holds 16 columns of
+// one k pair, and an x pair is broadcast as one 32-bit lane, so one vdpbf16ps does 32
+// multiply-adds into 16 fp32 accumulators: twice fp32's rate, from half the bytes, rounded
+// to bf16 once, at the store, as oneDNN does.
+inline __m512 zmm_weights(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 zmm_broadcast(const float* x) { return _mm512_set1_ps(*x); }
+inline __m512 zmm_madd(__m512 acc, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, acc); }
+inline void zmm_store(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+#if defined(__AVX512BF16__)
+inline __m512bh zmm_weights(const c10::BFloat16* w) {
+  return (__m512bh)_mm512_loadu_si512(w);
+}
+inline __m512bh zmm_broadcast(const c10::BFloat16* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+inline __m512 zmm_madd(__m512 acc, __m512bh x, __m512bh w) { return _mm512_dpbf16_ps(acc, x, w); }
+inline void zmm_store(c10::BFloat16* y, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
+}
+#endif
+
+// 12 rows x 2 panels: 24 zmm accumulators, 2 weight loads and 12 broadcasts per k step (one
+// k in fp32, a k pair in bf16; `depth` of them). Two = false: one panel, 12 accumulators.
+template <int MR, bool Two, typename T>
+inline void block_zmm(const T* x, int64_t ldx, const T* panel, int64_t depth, T* y, int64_t ldy,
+                      const float* bias, const T* next) {
   static_assert(MR >= 1 && MR <= 12, "up to 12 rows per block");
-  const float* second = panel + K * kPanel;
+  constexpr int64_t kx = std::is_same_v<T, float> ? 1 : 2;  // x values per k step
+  constexpr int64_t kw = kx * kPanel;                        // weight values per k step
+  const T* second = panel + depth * kw;
   __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0,
          b3 = a0, a4 = a0, b4 = a0, a5 = a0, b5 = a0, a6 = a0, b6 = a0, a7 = a0, b7 = a0,
          a8 = a0, b8 = a0, a9 = a0, b9 = a0, a10 = a0, b10 = a0, a11 = a0, b11 = a0;
-#define MMSERVE_ROW(i)                                     \
-  if constexpr (MR > i) {                                  \
-    const __m512 v = _mm512_set1_ps(x[i * ldx + k]);       \
-    a##i = _mm512_fmadd_ps(v, w0, a##i);                   \
-    if constexpr (Two) b##i = _mm512_fmadd_ps(v, w1, b##i); \
+#define MMSERVE_ROW(i)                                      \
+  if constexpr (MR > i) {                                   \
+    const auto v = zmm_broadcast(x + i * ldx + kx * k);     \
+    a##i = zmm_madd(a##i, v, w0);                           \
+    if constexpr (Two) b##i = zmm_madd(b##i, v, w1);        \
   }
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < depth; ++k) {
     if (next) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * kw), _MM_HINT_T0);
       if constexpr (Two)
-        _mm_prefetch(reinterpret_cast<const char*>(next + (K + k) * kPanel), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next + (depth + k) * kw), _MM_HINT_T0);
     }
-    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel);
-    const __m512 w1 = Two ? _mm512_loadu_ps(second + k * kPanel) : w0;
+    const auto w0 = zmm_weights(panel + k * kw);
+    const auto w1 = Two ? zmm_weights(second + k * kw) : w0;
     MMSERVE_ROW(0) MMSERVE_ROW(1) MMSERVE_ROW(2) MMSERVE_ROW(3) MMSERVE_ROW(4) MMSERVE_ROW(5)
     MMSERVE_ROW(6) MMSERVE_ROW(7) MMSERVE_ROW(8) MMSERVE_ROW(9) MMSERVE_ROW(10) MMSERVE_ROW(11)
   }
 #undef MMSERVE_ROW
   const __m512 c0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   const __m512 c1 = bias && Two ? _mm512_loadu_ps(bias + kPanel) : _mm512_setzero_ps();
-#define MMSERVE_STORE(i)                                                          \
-  if constexpr (MR > i) {                                                         \
-    _mm512_storeu_ps(y + i * ldy, _mm512_add_ps(a##i, c0));                       \
-    if constexpr (Two) _mm512_storeu_ps(y + i * ldy + kPanel, _mm512_add_ps(b##i, c1)); \
+#define MMSERVE_STORE(i)                                                        \
+  if constexpr (MR > i) {                                                       \
+    zmm_store(y + i * ldy, _mm512_add_ps(a##i, c0));                            \
+    if constexpr (Two) zmm_store(y + i * ldy + kPanel, _mm512_add_ps(b##i, c1)); \
   }
   MMSERVE_STORE(0) MMSERVE_STORE(1) MMSERVE_STORE(2) MMSERVE_STORE(3) MMSERVE_STORE(4)
   MMSERVE_STORE(5) MMSERVE_STORE(6) MMSERVE_STORE(7) MMSERVE_STORE(8) MMSERVE_STORE(9)
@@ -80,23 +107,6 @@ inline void block512(const float* x, int64_t ldx, const float* panel, int64_t K,
 #undef MMSERVE_STORE
 }
 
-template <bool Two>
-void rows_by_panels512(const float* x, int64_t rows, int64_t ldx, const float* panel, int64_t K,
-                       float* y, int64_t ldy, const float* bias, const float* next) {
-  int64_t m = 0;
-  for (; m + 12 <= rows; m += 12, next = nullptr)
-    block512<12, Two>(x + m * ldx, ldx, panel, K, y + m * ldy, ldy, bias, next);
-  x += m * ldx;
-  y += m * ldy;
-  switch (rows - m) {
-#define MMSERVE_TAIL(r) case r: block512<r, Two>(x, ldx, panel, K, y, ldy, bias, next); break;
-    MMSERVE_TAIL(11) MMSERVE_TAIL(10) MMSERVE_TAIL(9) MMSERVE_TAIL(8) MMSERVE_TAIL(7)
-    MMSERVE_TAIL(6) MMSERVE_TAIL(5) MMSERVE_TAIL(4) MMSERVE_TAIL(3) MMSERVE_TAIL(2)
-    MMSERVE_TAIL(1)
-#undef MMSERVE_TAIL
-    default: break;
-  }
-}
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -140,73 +150,46 @@ inline void block(const float* x, int64_t ldx, const float* panel, int64_t K, fl
   MMSERVE_STORE(5)
 #undef MMSERVE_STORE
 }
-#if defined(__AVX512BF16__)
-// bf16: W packed as [N / 16, K / 2, 16, 2] (each k pair of a panel's 16 columns is one zmm)
-// and each x pair broadcast as one 32-bit lane, so one vdpbf16ps does 32 multiply-adds into
-// 16 fp32 accumulators: twice fp32's rate, from half the bytes. Rounded to bf16 once, at the
-// store, as oneDNN does.
-template <int MR, bool Two>
-inline void block_bf16(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* panel,
-                       int64_t K2, c10::BFloat16* y, int64_t ldy, const float* bias,
-                       const c10::BFloat16* next) {
-  static_assert(MR >= 1 && MR <= 12, "up to 12 rows per block");
-  constexpr int64_t kPair = 2 * kPanel;  // bf16 values per k pair of a panel
-  const c10::BFloat16* second = panel + K2 * kPair;
-  __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0,
-         b3 = a0, a4 = a0, b4 = a0, a5 = a0, b5 = a0, a6 = a0, b6 = a0, a7 = a0, b7 = a0,
-         a8 = a0, b8 = a0, a9 = a0, b9 = a0, a10 = a0, b10 = a0, a11 = a0, b11 = a0;
-#define MMSERVE_ROW(i)                                                              \
-  if constexpr (MR > i) {                                                           \
-    int32_t pair;                                                                   \
-    std::memcpy(&pair, x + i * ldx + 2 * j, sizeof(pair));                          \
-    const __m512bh v = (__m512bh)_mm512_set1_epi32(pair);                           \
-    a##i = _mm512_dpbf16_ps(a##i, v, w0);                                           \
-    if constexpr (Two) b##i = _mm512_dpbf16_ps(b##i, v, w1);                        \
-  }
-  for (int64_t j = 0; j < K2; ++j) {
-    if (next) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + j * kPair), _MM_HINT_T0);
-      if constexpr (Two)
-        _mm_prefetch(reinterpret_cast<const char*>(next + (K2 + j) * kPair), _MM_HINT_T0);
-    }
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + j * kPair);
-    const __m512bh w1 = Two ? (__m512bh)_mm512_loadu_si512(second + j * kPair) : w0;
-    MMSERVE_ROW(0) MMSERVE_ROW(1) MMSERVE_ROW(2) MMSERVE_ROW(3) MMSERVE_ROW(4) MMSERVE_ROW(5)
-    MMSERVE_ROW(6) MMSERVE_ROW(7) MMSERVE_ROW(8) MMSERVE_ROW(9) MMSERVE_ROW(10) MMSERVE_ROW(11)
-  }
-#undef MMSERVE_ROW
-  const __m512 c0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-  const __m512 c1 = bias && Two ? _mm512_loadu_ps(bias + kPanel) : _mm512_setzero_ps();
-#define MMSERVE_STORE(i)                                                                  \
-  if constexpr (MR > i) {                                                                 \
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy),                          \
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(a##i, c0)));            \
-    if constexpr (Two)                                                                    \
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + kPanel),               \
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(b##i, c1)));          \
-  }
-  MMSERVE_STORE(0) MMSERVE_STORE(1) MMSERVE_STORE(2) MMSERVE_STORE(3) MMSERVE_STORE(4)
-  MMSERVE_STORE(5) MMSERVE_STORE(6) MMSERVE_STORE(7) MMSERVE_STORE(8) MMSERVE_STORE(9)
-  MMSERVE_STORE(10) MMSERVE_STORE(11)
-#undef MMSERVE_STORE
-}
 
-template <bool Two>
-void rows_by_panels_bf16(const c10::BFloat16* x, int64_t rows, int64_t ldx,
-                         const c10::BFloat16* panel, int64_t K2, c10::BFloat16* y, int64_t ldy,
-                         const float* bias, const c10::BFloat16* next) {
+#if defined(__AVX512F__)
+// All rows of x against one panel (Two: and the one after it): blocks of 12 rows, then the
+// rest; the first block also prefetches `next`. T picks the fp32 or the bf16 block kernel.
+template <bool Two, typename T>
+void rows_by_panels_zmm(const T* x, int64_t rows, int64_t ldx, const T* panel, int64_t depth,
+                        T* y, int64_t ldy, const float* bias, const T* next) {
   int64_t m = 0;
   for (; m + 12 <= rows; m += 12, next = nullptr)
-    block_bf16<12, Two>(x + m * ldx, ldx, panel, K2, y + m * ldy, ldy, bias, next);
+    block_zmm<12, Two>(x + m * ldx, ldx, panel, depth, y + m * ldy, ldy, bias, next);
   x += m * ldx;
   y += m * ldy;
   switch (rows - m) {
-#define MMSERVE_TAIL(r) case r: block_bf16<r, Two>(x, ldx, panel, K2, y, ldy, bias, next); break;
+#define MMSERVE_TAIL(r) case r: block_zmm<r, Two>(x, ldx, panel, depth, y, ldy, bias, next); break;
     MMSERVE_TAIL(11) MMSERVE_TAIL(10) MMSERVE_TAIL(9) MMSERVE_TAIL(8) MMSERVE_TAIL(7)
     MMSERVE_TAIL(6) MMSERVE_TAIL(5) MMSERVE_TAIL(4) MMSERVE_TAIL(3) MMSERVE_TAIL(2)
     MMSERVE_TAIL(1)
 #undef MMSERVE_TAIL
     default: break;
+  }
+}
+
+// Every row of x against panels [begin, end), two at a time, in chunks of `row_chunk` rows.
+// `depth`: the k steps of a panel (K in fp32, K / 2 pairs in bf16); `panel_size`: its values.
+template <typename T>
+void panels_zmm(const T* x, int64_t rows, int64_t ldx, const T* panels, int64_t depth,
+                int64_t panel_size, int64_t begin, int64_t end, int64_t row_chunk, T* y,
+                int64_t N, const float* bias) {
+  for (int64_t m = 0; m < rows; m += row_chunk) {
+    const int64_t chunk = std::min(row_chunk, rows - m);
+    for (int64_t p = begin; p < end; p += 2) {
+      const T* next = p + 2 < end ? panels + (p + 2) * panel_size : nullptr;
+      const T* panel = panels + p * panel_size;
+      T* yo = y + m * N + p * kPanel;
+      const float* bo = bias ? bias + p * kPanel : nullptr;
+      if (p + 1 < end)
+        rows_by_panels_zmm<true>(x + m * ldx, chunk, ldx, panel, depth, yo, N, bo, next);
+      else
+        rows_by_panels_zmm<false>(x + m * ldx, chunk, ldx, panel, depth, yo, N, bo, next);
+    }
   }
 }
 #endif
@@ -301,20 +284,7 @@ at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels,
   const int64_t row_chunk = std::max<int64_t>(12, kChunkBytes / (K * 2) / 12 * 12);
   for_each_task(num_tasks, [&](int64_t task) {
     const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
-    for (int64_t m = 0; m < rows; m += row_chunk) {
-      const int64_t chunk = std::min(row_chunk, rows - m);
-      for (int64_t p = begin; p < end; p += 2) {
-        const int64_t step = std::min<int64_t>(2, end - p);
-        const c10::BFloat16* next = p + step < end ? pp + (p + step) * panel_size : nullptr;
-        const c10::BFloat16* panel = pp + p * panel_size;
-        c10::BFloat16* yo = yp + m * N + p * kPanel;
-        const float* bo = bp ? bp + p * kPanel : nullptr;
-        if (step == 2)
-          rows_by_panels_bf16<true>(xp + m * ldx, chunk, ldx, panel, K2, yo, N, bo, next);
-        else
-          rows_by_panels_bf16<false>(xp + m * ldx, chunk, ldx, panel, K2, yo, N, bo, next);
-      }
-    }
+    panels_zmm(xp, rows, ldx, pp, K2, panel_size, begin, end, row_chunk, yp, N, bp);
   });
   return y;
 }
@@ -353,34 +323,22 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels,
   // Tasks of kTaskPanels panels, handed out one at a time; a task walks its panels once per
   // chunk of rows.
   const int64_t num_tasks = (num_panels + kTaskPanels - 1) / kTaskPanels;
-  const int64_t kRowChunk = std::max<int64_t>(12, kChunkBytes / (K * 4) / 12 * 12);
-  auto run_task = [&](int64_t task) {
+  const int64_t row_chunk = std::max<int64_t>(12, kChunkBytes / (K * 4) / 12 * 12);
+  for_each_task(num_tasks, [&](int64_t task) {
     const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
-    for (int64_t m = 0; m < rows; m += kRowChunk) {
-      const int64_t chunk = std::min(kRowChunk, rows - m);
-      const float* xm = xp + m * ldx;
 #if defined(__AVX512F__)
-      for (int64_t p = begin; p < end; p += 2) {
-        const int64_t step = std::min<int64_t>(2, end - p);
-        const float* next = p + step < end ? pp + (p + step) * K * kPanel : nullptr;
-        const float* panel = pp + p * K * kPanel;
-        float* yo = yp + m * N + p * kPanel;
-        const float* bo = bp ? bp + p * kPanel : nullptr;
-        if (step == 2)
-          rows_by_panels512<true>(xm, chunk, ldx, panel, K, yo, N, bo, next);
-        else
-          rows_by_panels512<false>(xm, chunk, ldx, panel, K, yo, N, bo, next);
-      }
+    panels_zmm(xp, rows, ldx, pp, K, K * kPanel, begin, end, row_chunk, yp, N, bp);
 #else
+    for (int64_t m = 0; m < rows; m += row_chunk) {
+      const int64_t chunk = std::min(row_chunk, rows - m);
       for (int64_t p = begin; p < end; ++p) {
         const float* next = p + 1 < end ? pp + (p + 1) * K * kPanel : nullptr;
-        rows_by_panel(xm, chunk, ldx, pp + p * K * kPanel, K, yp + m * N + p * kPanel, N,
-                      bp ? bp + p * kPanel : nullptr, next);
+        rows_by_panel(xp + m * ldx, chunk, ldx, pp + p * K * kPanel, K, yp + m * N + p * kPanel,
+                      N, bp ? bp + p * kPanel : nullptr, next);
       }
-#endif
     }
-  };
-  for_each_task(num_tasks, run_task);
+#endif
+  });
   return y;
 }
 
