@@ -37,7 +37,7 @@ class EngineConfig:
     # silu), built once and cached; "auto" falls back to plain torch ops when they cannot be
     # built here, "on" refuses to start without them, "off" never builds them.
     cpu_kernels: str = "auto"
-    prepack_weights: bool = True  # projections on oneDNN's packed weights (fp32, bf16)
+    prepack_weights: bool = True  # projections on packed weights (fp32, bf16; see cpu_linear)
     # fp32 on oneDNN's packed weights (cpu_linear resolved to "onednn") with the kernels:
     # steps of up to 4 rows (decodes of a few sequences) read a dense copy of each weight at
     # the memory's speed (mmserve::skinny_linear, 15-30% faster than oneDNN there); the cost
@@ -45,9 +45,10 @@ class EngineConfig:
     # packed path is already bandwidth-bound and never keeps one either.
     small_batch_linear: bool = True
     # With the kernels: which packed matmul the projections run. "panels": mmserve::panel_linear
-    # (register blocks over k-major panels, handed out to threads dynamically; at decode's
-    # row counts 1.1-1.6x oneDNN's packed linear in fp32 on AVX2 and AVX-512, and in bf16 on
-    # AVX-512 BF16); "onednn": oneDNN's; "auto": panels where the CPU has those instructions.
+    # (register blocks over k-major panels, handed out to threads dynamically; measured at
+    # 1-64 rows against oneDNN's packed linear: fp32 0.94-2.2x on AVX-512, 1.1-1.9x on AVX2,
+    # bf16 1.04-2.1x on AVX-512 BF16); "onednn": oneDNN's; "auto": panels for fp32 on x86 with
+    # AVX2 + FMA and for bf16 with AVX-512 BF16, oneDNN otherwise.
     cpu_linear: str = "auto"
     keep_freed_memory: bool = True  # glibc keeps freed memory for the next step's temporaries
     cpu_threads: int | None = None  # the engine's torch threads on CPU; None: one per core

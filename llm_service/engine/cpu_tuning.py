@@ -1,9 +1,10 @@
-"""CPU-only tuning of the torch engine, in one place: the allocator and oneDNN packed weights.
+"""CPU-only tuning of the torch engine, in one place: the allocator and packed weights.
 
 Both lean on things outside torch's public API (glibc's `mallopt`; the private
 `torch.ops.mkldnn` linear ops that vLLM's and SGLang's CPU backends also use), so each is
 guarded: by libc, by torch version and by the ops' presence, and each is switched by the
-engine config (`keep_freed_memory`, `prepack_weights`).
+engine config (`keep_freed_memory`, `prepack_weights`). The other packed layout,
+mmserve::panel_linear's, is the engine's own (csrc/panel_linear.cpp, `cpu_linear`).
 """
 
 from __future__ import annotations
@@ -76,3 +77,23 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T + bias with a weight from `pack_weight`."""
     return torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")
+
+
+PANEL = 16  # mmserve::pack_panels' panel width: out_features must be a multiple of it
+
+
+def pack_for_cpu(weight: torch.Tensor, batch_hint: int, panels: bool) -> torch.Tensor:
+    """The packed form of a [out, in] weight: mmserve::pack_panels' panels (a 3-d tensor) when
+    asked and the shape allows (bf16 takes k in pairs), else oneDNN's blocked layout."""
+    if panels and weight.shape[0] % PANEL == 0 and (
+            weight.dtype == torch.float32 or weight.shape[1] % 2 == 0):
+        return torch.ops.mmserve.pack_panels(weight.contiguous())
+    return pack_weight(weight, batch_hint)
+
+
+def cpu_packed_linear(x: torch.Tensor, packed: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + bias with a weight from `pack_for_cpu`, on whichever kernel packed it."""
+    if packed.dim() == 3:
+        return torch.ops.mmserve.panel_linear(x, packed, bias)
+    return packed_linear(x, packed, bias)

@@ -9,6 +9,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace mmserve {
 
@@ -19,6 +22,15 @@ inline float to_float(c10::BFloat16 x) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+
+#if defined(__AVX512F__)
+// 16 values as fp32 lanes: a load, or (bf16) a load widened by a 16-bit shift.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
 
 // fp32 -> bf16 bits, rounded to nearest even, without branches (so loops over it vectorize);
 // infinities stay infinite and a NaN becomes the quiet NaN, as in c10::BFloat16's conversion.

@@ -33,11 +33,7 @@ using mmserve::store;
 using mmserve::to_float;
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using mmserve::load16;
 
 // q . k for a head dim of V * 16, q held in registers: the lane-wise products, unreduced.
 template <typename T, int V>

@@ -1,4 +1,4 @@
-// y = x @ W^T (+ bias) in fp32: a register-blocked kernel over k-major weight panels.
+// y = x @ W^T (+ bias) in fp32 or bf16: a register-blocked kernel over k-major weight panels.
 //
 // oneDNN's kernels lose much of the machine's FMA rate at the row counts of decode steps
 // (AVX2, 16 rows: 85-95 GFLOP/s on 2 cores against 160-170 at 512 rows). This is the
@@ -21,15 +21,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#endif
-#if defined(_OPENMP)
-#include <omp.h>
 #endif
 
 namespace {
@@ -68,7 +67,7 @@ inline void zmm_store(c10::BFloat16* y, __m512 v) {
 // k in fp32, a k pair in bf16; `depth` of them). Two = false: one panel, 12 accumulators.
 template <int MR, bool Two, typename T>
 inline void block_zmm(const T* x, int64_t ldx, const T* panel, int64_t depth, T* y, int64_t ldy,
-                      const float* bias, const T* next) {
+                      const T* bias, const T* next) {
   static_assert(MR >= 1 && MR <= 12, "up to 12 rows per block");
   constexpr int64_t kx = std::is_same_v<T, float> ? 1 : 2;  // x values per k step
   constexpr int64_t kw = kx * kPanel;                        // weight values per k step
@@ -94,8 +93,9 @@ inline void block_zmm(const T* x, int64_t ldx, const T* panel, int64_t depth, T*
     MMSERVE_ROW(6) MMSERVE_ROW(7) MMSERVE_ROW(8) MMSERVE_ROW(9) MMSERVE_ROW(10) MMSERVE_ROW(11)
   }
 #undef MMSERVE_ROW
-  const __m512 c0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-  const __m512 c1 = bias && Two ? _mm512_loadu_ps(bias + kPanel) : _mm512_setzero_ps();
+  // The bias (bf16: widened to fp32) joins the sum before its one rounding.
+  const __m512 c0 = bias ? mmserve::load16(bias) : _mm512_setzero_ps();
+  const __m512 c1 = bias && Two ? mmserve::load16(bias + kPanel) : _mm512_setzero_ps();
 #define MMSERVE_STORE(i)                                                        \
   if constexpr (MR > i) {                                                       \
     zmm_store(y + i * ldy, _mm512_add_ps(a##i, c0));                            \
@@ -156,7 +156,7 @@ inline void block(const float* x, int64_t ldx, const float* panel, int64_t K, fl
 // rest; the first block also prefetches `next`. T picks the fp32 or the bf16 block kernel.
 template <bool Two, typename T>
 void rows_by_panels_zmm(const T* x, int64_t rows, int64_t ldx, const T* panel, int64_t depth,
-                        T* y, int64_t ldy, const float* bias, const T* next) {
+                        T* y, int64_t ldy, const T* bias, const T* next) {
   int64_t m = 0;
   for (; m + 12 <= rows; m += 12, next = nullptr)
     block_zmm<12, Two>(x + m * ldx, ldx, panel, depth, y + m * ldy, ldy, bias, next);
@@ -177,14 +177,14 @@ void rows_by_panels_zmm(const T* x, int64_t rows, int64_t ldx, const T* panel, i
 template <typename T>
 void panels_zmm(const T* x, int64_t rows, int64_t ldx, const T* panels, int64_t depth,
                 int64_t panel_size, int64_t begin, int64_t end, int64_t row_chunk, T* y,
-                int64_t N, const float* bias) {
+                int64_t N, const T* bias) {
   for (int64_t m = 0; m < rows; m += row_chunk) {
     const int64_t chunk = std::min(row_chunk, rows - m);
     for (int64_t p = begin; p < end; p += 2) {
       const T* next = p + 2 < end ? panels + (p + 2) * panel_size : nullptr;
       const T* panel = panels + p * panel_size;
       T* yo = y + m * N + p * kPanel;
-      const float* bo = bias ? bias + p * kPanel : nullptr;
+      const T* bo = bias ? bias + p * kPanel : nullptr;
       if (p + 1 < end)
         rows_by_panels_zmm<true>(x + m * ldx, chunk, ldx, panel, depth, yo, N, bo, next);
       else
@@ -268,12 +268,13 @@ at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels,
               " features, the weight ", 2 * panels.size(1));
   const int64_t rows = x.size(0), K = x.size(1), K2 = K / 2, num_panels = panels.size(0);
   const int64_t N = num_panels * kPanel, ldx = x.stride(0);
-  at::Tensor bias_f;  // the bias in fp32, added before the one rounding
+  const c10::BFloat16* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "panel_linear: bias must be [out]");
-    bias_f = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
+                    bias->numel() == N,
+                "panel_linear: bias must be a bfloat16 [out]");
+    bp = bias->data_ptr<c10::BFloat16>();
   }
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({rows, N}, x.options());
   if (rows == 0) return y;
   const auto* xp = x.data_ptr<c10::BFloat16>();

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_service.engine.cpu_tuning import pack_weight, packed_linear
+from llm_service.engine.cpu_tuning import cpu_packed_linear, pack_for_cpu
 from llm_service.engine.models.attention import (
     AttentionMetadata, KVCache, LayerCache, paged_attention)
 from llm_service.engine.models.rope import RopeSpec, RotaryEmbedding, apply_rotary
@@ -59,33 +59,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-PANEL = 16  # mmserve::pack_panels' panel width: out_features must be a multiple of it
-
-
-def pack_for_cpu(weight: torch.Tensor, batch_hint: int, panels: bool) -> torch.Tensor:
-    """The packed form of a [out, in] weight: mmserve::pack_panels' panels (3-d) when asked
-    and the shape allows, else oneDNN's blocked layout (an opaque tensor)."""
-    if panels and weight.shape[0] % PANEL == 0 and (
-            weight.dtype == torch.float32 or weight.shape[1] % 2 == 0):  # bf16: k in pairs
-        return torch.ops.mmserve.pack_panels(weight.contiguous())
-    return pack_weight(weight, batch_hint)
-
-
-def cpu_packed_linear(x: torch.Tensor, packed: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-    if packed.dim() == 3:
-        return torch.ops.mmserve.panel_linear(x, packed, bias)
-    return packed_linear(x, packed, bias)
-
-
 class Linear(nn.Linear):
     """nn.Linear that can hand its weight to a packed CPU matmul.
 
     On CPU, `prepack()` reorders the weight once into oneDNN's blocked layout (as vLLM's and
     SGLang's CPU backends do), or, with `panels`, into mmserve::panel_linear's k-major panels
-    (faster on AVX2-only CPUs); either packed matmul runs about twice as fast as the MKL path
-    for the few rows of a decode step and still faster for long prefills. The dense weight is
-    dropped then: the packed copy is all the layer reads.
+    (faster than oneDNN at decode's row counts; see cpu_tuning.pack_for_cpu); either packed
+    matmul runs about twice as fast as the MKL path for the few rows of a decode step and
+    still faster for long prefills. The dense weight is dropped then: the packed copy is all
+    the layer reads.
     """
 
     weight: nn.Parameter

@@ -109,8 +109,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
                keep_dense: bool = False, panels: bool = False) -> DecoderLM:
     """Builds the model on `device` in `dtype`; rope tables cover `max_len` positions.
     `prepack`: on CPU, move the projections to oneDNN's packed layout, tuned for steps of
-    about this many rows, or with `panels` (fp32, the kernels loaded) to
-    mmserve::panel_linear's (the packed matmuls are much faster; see llama.Linear)."""
+    about this many rows, or with `panels` (the kernels loaded; fp32, or bf16 on AVX-512
+    BF16) to mmserve::panel_linear's (the packed matmuls are much faster; see llama.Linear)."""
     spec = read_spec(model_dir)
     family = FAMILIES[spec.family]
     files = sorted(Path(model_dir).glob("*.safetensors"))
