@@ -19,7 +19,11 @@ class EngineConfig:
     model_dir: Path  # HF safetensors checkpoint (config.json + *.safetensors)
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # "auto": CUDA when available
-    block_size: int = 16  # tokens per KV block
+    # Tokens per KV block. 128 as in vLLM's CPU backend: decode attention reads each KV head's
+    # keys of a block as one run (see KVCache), and longer runs stream faster (SmolLM2, 64
+    # sequences, per layer: 1.13 ms at 16, 0.93 at 64, 0.80 at 128 in fp32; 0.94, 0.73, 0.60
+    # in bf16). The price: prefixes are cached in whole blocks of 128 tokens.
+    block_size: int = 128
     kv_cache_bytes: int | None = None  # KV pool; None: kv_cache_fraction (CUDA), 512 MiB (CPU)
     kv_cache_fraction: float = 0.9  # of free GPU memory after loading the weights
     max_num_seqs: int = 64  # sequences running at once

@@ -1,11 +1,13 @@
 // Scalar helpers shared by the CPU kernels, written so that `omp simd` loops over them
 // vectorize (AVX-512, AVX2, NEON: whatever the build machine has): no calls, and selects
 // instead of branches (the build passes -fno-trapping-math, without which gcc keeps even a
-// clamp as a branch and leaves the loop scalar).
+// clamp as a branch and leaves the loop scalar); and the dynamic task loop the kernels share.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -79,6 +81,18 @@ inline float silu(float x) {
   const float e = exp_nonpositive(-std::fabs(x));
   const float numerator = x >= 0.0f ? 1.0f : e;  // a select, not a branch: loops vectorize
   return x * (numerator / (1.0f + e));
+}
+
+// Runs fn(0 .. tasks - 1) on torch's threads, one task at a time to whichever is free.
+template <typename Fn>
+void for_each_task(int64_t tasks, const Fn& fn) {
+#if defined(_OPENMP)
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t task = 0; task < tasks; ++task) fn(task);
+#else
+  for (int64_t task = 0; task < tasks; ++task) fn(task);
+#endif
 }
 
 }  // namespace mmserve

@@ -115,9 +115,9 @@ template <typename T>
 void rope_and_cache_rows(T* qkv, const T* cos, const T* sin, const int64_t* positions,
                          T* k_cache, T* v_cache, const int64_t* slots, int64_t rows,
                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                         int64_t rotary_dim) {
+                         int64_t rotary_dim, int64_t block_size) {
   const int64_t row_size = (num_heads + 2 * num_kv_heads) * head_dim;
-  const int64_t kv_size = num_kv_heads * head_dim;
+  const int64_t kv_size = num_kv_heads * head_dim, head_stride = block_size * head_dim;
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* row = qkv + r * row_size;
@@ -126,9 +126,15 @@ void rope_and_cache_rows(T* qkv, const T* cos, const T* sin, const int64_t* posi
       for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
         rotate_head(row + h * head_dim, c, s, rotary_dim);
       }
+      // Slot s is row s % block_size of block s / block_size, in each KV head's run.
       const T* k = row + num_heads * head_dim;
-      std::memcpy(k_cache + slots[r] * kv_size, k, kv_size * sizeof(T));
-      std::memcpy(v_cache + slots[r] * kv_size, k + kv_size, kv_size * sizeof(T));
+      const int64_t at = slots[r] / block_size * num_kv_heads * head_stride +
+                         slots[r] % block_size * head_dim;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        std::memcpy(k_cache + at + h * head_stride, k + h * head_dim, head_dim * sizeof(T));
+        std::memcpy(v_cache + at + h * head_stride, k + kv_size + h * head_dim,
+                    head_dim * sizeof(T));
+      }
     }
   });
 }
@@ -148,9 +154,10 @@ void rope_and_cache(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin
   TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && k_cache.scalar_type() == qkv.scalar_type() &&
                   v_cache.scalar_type() == qkv.scalar_type(),
               "rope_and_cache: qkv, cos, sin and the cache must share a dtype");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.size(-2) == num_kv_heads,
-              "rope_and_cache: the caches must be contiguous [..., kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == num_kv_heads,
+              "rope_and_cache: the caches must be contiguous [blocks, kv_heads, block_size, "
+              "head_dim]");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
                   positions.numel() == qkv.size(0) && slot_mapping.numel() == qkv.size(0) &&
                   positions.is_contiguous() && slot_mapping.is_contiguous(),
@@ -168,7 +175,7 @@ void rope_and_cache(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin
     rope_and_cache_rows<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
                                   sin.data_ptr<scalar_t>(), pos, k_cache.data_ptr<scalar_t>(),
                                   v_cache.data_ptr<scalar_t>(), slots, qkv.size(0), num_heads,
-                                  num_kv_heads, head_dim, rotary_dim);
+                                  num_kv_heads, head_dim, rotary_dim, k_cache.size(2));
   });
 }
 

@@ -10,7 +10,6 @@
 // Registered as torch.ops.mmserve.paged_decode.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu_math.h"
@@ -76,7 +75,7 @@ inline __m512 sum16(__m512 (&v)[16]) {
 template <int D>
 float head_scores_bf16(const c10::BFloat16* q, float scale, const c10::BFloat16* k_cache,
                        const int32_t* table, int64_t context_len, int64_t block_size,
-                       int64_t kv_stride, float* scores) {
+                       int64_t block_stride, float* scores) {
   static_assert(D % 32 == 0, "32 bf16 values per vector");
   constexpr int W = D / 32;
   __m512bh qv[W];
@@ -93,9 +92,9 @@ float head_scores_bf16(const c10::BFloat16* q, float scale, const c10::BFloat16*
   __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t t = 0, filled = 0;
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const c10::BFloat16* k = k_cache + static_cast<int64_t>(table[b]) * block_size * kv_stride;
+    const c10::BFloat16* k = k_cache + static_cast<int64_t>(table[b]) * block_stride;
     const int64_t end = std::min(block_size, context_len - b * block_size);
-    for (int64_t o = 0; o < end; ++o, k += kv_stride) {
+    for (int64_t o = 0; o < end; ++o, k += D) {
       rows[filled++] = k;
       if (filled == 16) {
         for (int i = 0; i < 16; ++i) lanes[i] = dot(rows[i]);
@@ -120,7 +119,7 @@ float head_scores_bf16(const c10::BFloat16* q, float scale, const c10::BFloat16*
 // Scores of one query head over the context, into `scores`; returns their maximum.
 template <typename T, int D>
 float head_scores(const float* qf, const T* k_cache, const int32_t* table, int64_t context_len,
-                  int64_t block_size, int64_t kv_stride, int64_t head_dim, float* scores) {
+                  int64_t block_size, int64_t block_stride, int64_t head_dim, float* scores) {
   float top = -std::numeric_limits<float>::infinity();
   const int64_t num_blocks = (context_len + block_size - 1) / block_size;
 #if defined(__AVX512F__)
@@ -134,9 +133,9 @@ float head_scores(const float* qf, const T* k_cache, const int32_t* table, int64
     __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     int64_t t = 0, filled = 0;
     for (int64_t b = 0; b < num_blocks; ++b) {
-      const T* k = k_cache + static_cast<int64_t>(table[b]) * block_size * kv_stride;
+      const T* k = k_cache + static_cast<int64_t>(table[b]) * block_stride;
       const int64_t end = std::min(block_size, context_len - b * block_size);
-      for (int64_t o = 0; o < end; ++o, k += kv_stride) {
+      for (int64_t o = 0; o < end; ++o, k += D) {
         rows[filled++] = k;
         if (filled == 16) {
           for (int i = 0; i < 16; ++i) lanes[i] = dot_lanes<T, V>(q, rows[i]);
@@ -158,9 +157,9 @@ float head_scores(const float* qf, const T* k_cache, const int32_t* table, int64
   }
 #endif
   for (int64_t b = 0, t = 0; b < num_blocks; ++b) {
-    const T* k = k_cache + static_cast<int64_t>(table[b]) * block_size * kv_stride;
+    const T* k = k_cache + static_cast<int64_t>(table[b]) * block_stride;
     const int64_t end = std::min(block_size, context_len - b * block_size);
-    for (int64_t o = 0; o < end; ++o, ++t, k += kv_stride) {
+    for (int64_t o = 0; o < end; ++o, ++t, k += head_dim) {
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < head_dim; ++d) dot += qf[d] * to_float(k[d]);
@@ -174,7 +173,7 @@ float head_scores(const float* qf, const T* k_cache, const int32_t* table, int64
 // sum_t p[t] * v[t] over the context, scaled by `inv`, into `out`.
 template <typename T, int D>
 void head_values(const float* p, const T* v_cache, const int32_t* table, int64_t context_len,
-                 int64_t block_size, int64_t kv_stride, int64_t head_dim, float inv, T* out,
+                 int64_t block_size, int64_t block_stride, int64_t head_dim, float inv, T* out,
                  float* acc) {
   const int64_t num_blocks = (context_len + block_size - 1) / block_size;
 #if defined(__AVX512F__)
@@ -185,14 +184,14 @@ void head_values(const float* p, const T* v_cache, const int32_t* table, int64_t
     for (int i = 0; i < V; ++i) a[i] = b[i] = _mm512_setzero_ps();
     int64_t t = 0;
     for (int64_t blk = 0; blk < num_blocks; ++blk) {
-      const T* v = v_cache + static_cast<int64_t>(table[blk]) * block_size * kv_stride;
+      const T* v = v_cache + static_cast<int64_t>(table[blk]) * block_stride;
       const int64_t end = std::min(block_size, context_len - blk * block_size);
       int64_t o = 0;
-      for (; o + 1 < end; o += 2, t += 2, v += 2 * kv_stride) {
+      for (; o + 1 < end; o += 2, t += 2, v += 2 * D) {
         const __m512 p0 = _mm512_set1_ps(p[t]), p1 = _mm512_set1_ps(p[t + 1]);
         for (int i = 0; i < V; ++i) {
           a[i] = _mm512_fmadd_ps(p0, load16(v + 16 * i), a[i]);
-          b[i] = _mm512_fmadd_ps(p1, load16(v + kv_stride + 16 * i), b[i]);
+          b[i] = _mm512_fmadd_ps(p1, load16(v + D + 16 * i), b[i]);
         }
       }
       if (o < end) {
@@ -209,9 +208,9 @@ void head_values(const float* p, const T* v_cache, const int32_t* table, int64_t
 #endif
   std::fill(acc, acc + head_dim, 0.0f);
   for (int64_t b = 0, t = 0; b < num_blocks; ++b) {
-    const T* v = v_cache + static_cast<int64_t>(table[b]) * block_size * kv_stride;
+    const T* v = v_cache + static_cast<int64_t>(table[b]) * block_stride;
     const int64_t end = std::min(block_size, context_len - b * block_size);
-    for (int64_t o = 0; o < end; ++o, ++t, v += kv_stride) {
+    for (int64_t o = 0; o < end; ++o, ++t, v += head_dim) {
       const float pt = p[t];
 #pragma omp simd
       for (int64_t d = 0; d < head_dim; ++d) acc[d] += pt * to_float(v[d]);
@@ -226,7 +225,7 @@ void head_values(const float* p, const T* v_cache, const int32_t* table, int64_t
 // inv[g], into out + g * D: every cached value row is loaded and widened once for all G.
 template <typename T, int D, int G>
 void group_values(const float* p, int64_t p_stride, const T* v_cache, const int32_t* table,
-                  int64_t context_len, int64_t block_size, int64_t kv_stride, const float* inv,
+                  int64_t context_len, int64_t block_size, int64_t block_stride, const float* inv,
                   T* out, float* acc_out) {
   constexpr int V = D / 16;
   __m512 acc[G][V];
@@ -234,9 +233,9 @@ void group_values(const float* p, int64_t p_stride, const T* v_cache, const int3
     for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
   const int64_t num_blocks = (context_len + block_size - 1) / block_size;
   for (int64_t blk = 0, t = 0; blk < num_blocks; ++blk) {
-    const T* v = v_cache + static_cast<int64_t>(table[blk]) * block_size * kv_stride;
+    const T* v = v_cache + static_cast<int64_t>(table[blk]) * block_stride;
     const int64_t end = std::min(block_size, context_len - blk * block_size);
-    for (int64_t o = 0; o < end; ++o, ++t, v += kv_stride) {
+    for (int64_t o = 0; o < end; ++o, ++t, v += D) {
       __m512 row[V];
       for (int i = 0; i < V; ++i) row[i] = load16(v + 16 * i);
       for (int g = 0; g < G; ++g) {
@@ -258,7 +257,7 @@ void group_values(const float* p, int64_t p_stride, const T* v_cache, const int3
 template <typename T, int D>
 void decode_kv_head(const T* q, int64_t q_head_stride,  // the first query head of this KV head
                     const T* k_cache, const T* v_cache, const int32_t* table,
-                    int64_t context_len, int64_t block_size, int64_t kv_stride, int64_t group,
+                    int64_t context_len, int64_t block_size, int64_t block_stride, int64_t group,
                     int64_t runtime_head_dim, float scale, T* out, std::vector<float>& scratch) {
   const int64_t head_dim = D ? D : runtime_head_dim;
 #if defined(__AVX512F__)
@@ -276,14 +275,14 @@ void decode_kv_head(const T* q, int64_t q_head_stride,  // the first query head 
       float top;
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, c10::BFloat16> && D % 32 == 0) {
-        top = head_scores_bf16<D>(qg, scale, k_cache, table, context_len, block_size, kv_stride,
+        top = head_scores_bf16<D>(qg, scale, k_cache, table, context_len, block_size, block_stride,
                                   scores);
       } else
 #endif
       {
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) acc[d] = to_float(qg[d]) * scale;
-        top = head_scores<T, D>(acc, k_cache, table, context_len, block_size, kv_stride, D,
+        top = head_scores<T, D>(acc, k_cache, table, context_len, block_size, block_stride, D,
                                 scores);
       }
       float sum = 0.0f;
@@ -299,10 +298,10 @@ void decode_kv_head(const T* q, int64_t q_head_stride,  // the first query head 
       const float* pg = probs + g * context_len;
       T* og = out + g * D;
       switch (n) {
-        case 4: group_values<T, D, 4>(pg, context_len, v_cache, table, context_len, block_size, kv_stride, inv + g, og, acc); break;
-        case 3: group_values<T, D, 3>(pg, context_len, v_cache, table, context_len, block_size, kv_stride, inv + g, og, acc); break;
-        case 2: group_values<T, D, 2>(pg, context_len, v_cache, table, context_len, block_size, kv_stride, inv + g, og, acc); break;
-        default: group_values<T, D, 1>(pg, context_len, v_cache, table, context_len, block_size, kv_stride, inv + g, og, acc); break;
+        case 4: group_values<T, D, 4>(pg, context_len, v_cache, table, context_len, block_size, block_stride, inv + g, og, acc); break;
+        case 3: group_values<T, D, 3>(pg, context_len, v_cache, table, context_len, block_size, block_stride, inv + g, og, acc); break;
+        case 2: group_values<T, D, 2>(pg, context_len, v_cache, table, context_len, block_size, block_stride, inv + g, og, acc); break;
+        default: group_values<T, D, 1>(pg, context_len, v_cache, table, context_len, block_size, block_stride, inv + g, og, acc); break;
       }
       g += n;
     }
@@ -317,7 +316,7 @@ void decode_kv_head(const T* q, int64_t q_head_stride,  // the first query head 
     const T* qg = q + g * q_head_stride;
 #pragma omp simd
     for (int64_t d = 0; d < head_dim; ++d) qf[d] = to_float(qg[d]) * scale;
-    const float top = head_scores<T, D>(qf, k_cache, table, context_len, block_size, kv_stride,
+    const float top = head_scores<T, D>(qf, k_cache, table, context_len, block_size, block_stride,
                                         head_dim, scores);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -325,7 +324,7 @@ void decode_kv_head(const T* q, int64_t q_head_stride,  // the first query head 
       scores[t] = exp_nonpositive(scores[t] - top);
       sum += scores[t];
     }
-    head_values<T, D>(scores, v_cache, table, context_len, block_size, kv_stride, head_dim,
+    head_values<T, D>(scores, v_cache, table, context_len, block_size, block_stride, head_dim,
                       1.0f / sum, out + g * head_dim, acc);
   }
 }
@@ -335,7 +334,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
             at::Tensor& out) {
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, width = block_tables.size(1);
   const int64_t q_row_stride = q.stride(0), q_head_stride = q.stride(1);
   const T* qp = q.data_ptr<T>();
@@ -344,21 +343,23 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
-  const int64_t kv_stride = num_kv_heads * head_dim;  // between consecutive slots
+  // A block is [kv_heads, block_size, head_dim]: one KV head's rows in a block are one run
+  // of block_size * head_dim values, which the hardware prefetcher streams.
+  const int64_t head_stride = block_size * head_dim, block_stride = num_kv_heads * head_stride;
   auto kv_head = head_dim == 64    ? decode_kv_head<T, 64>
                  : head_dim == 128 ? decode_kv_head<T, 128>
                  : head_dim == 96  ? decode_kv_head<T, 96>
                  : head_dim == 80  ? decode_kv_head<T, 80>
                                    : decode_kv_head<T, 0>;
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
-      kv_head(qp + s * q_row_stride + h * group * q_head_stride, q_head_stride,
-              kp + h * head_dim, vp + h * head_dim, tables + s * width, lens[s], block_size,
-              kv_stride, group, head_dim, static_cast<float>(scale),
-              op + (s * num_heads + h * group) * head_dim, scratch);
-    }
+  // Tasks go to whichever thread is free: a thread that another process preempts holds back
+  // one task, not half the step.
+  mmserve::for_each_task(num_seqs * num_kv_heads, [&](int64_t item) {
+    thread_local std::vector<float> scratch;
+    const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
+    kv_head(qp + s * q_row_stride + h * group * q_head_stride, q_head_stride,
+            kp + h * head_stride, vp + h * head_stride, tables + s * width, lens[s], block_size,
+            block_stride, group, head_dim, static_cast<float>(scale),
+            op + (s * num_heads + h * group) * head_dim, scratch);
   });
 }
 
@@ -370,11 +371,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
               "q must be [seqs, heads, head_dim] with a dense head_dim");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes(),
-              "k_cache and v_cache must be contiguous [blocks, block_size, kv_heads, head_dim]");
+              "k_cache and v_cache must be contiguous [blocks, kv_heads, block_size, head_dim]");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "q, k_cache and v_cache must share a dtype");
   TORCH_CHECK(k_cache.size(3) == q.size(2), "head_dim of q and the cache differ");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "heads must be a multiple of kv_heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block_tables and context_lens must be int32");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.is_contiguous() &&
@@ -384,7 +385,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                   context_lens.size(0) == q.size(0),
               "context_lens must be a contiguous [seqs]");
   // Every block a sequence reads must exist: a bad table is an error, not a stray read.
-  const int64_t block_size = k_cache.size(1), num_blocks = k_cache.size(0);
+  const int64_t block_size = k_cache.size(2), num_blocks = k_cache.size(0);
   const int64_t width = block_tables.size(1);
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();

@@ -227,18 +227,6 @@ void rows_by_panel(const float* x, int64_t rows, int64_t ldx, const float* panel
   }
 }
 
-// Runs fn(0 .. tasks - 1) on torch's threads, one task at a time to whichever is free.
-template <typename Fn>
-void for_each_task(int64_t tasks, const Fn& fn) {
-#if defined(_OPENMP)
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t task = 0; task < tasks; ++task) fn(task);
-#else
-  for (int64_t task = 0; task < tasks; ++task) fn(task);
-#endif
-}
-
 at::Tensor pack_panels(const at::Tensor& weight) {
   const bool bf16 = weight.scalar_type() == at::kBFloat16;
   TORCH_CHECK(weight.device().is_cpu() && (weight.scalar_type() == at::kFloat || bf16) &&
@@ -283,7 +271,7 @@ at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels,
   const int64_t panel_size = K2 * 2 * kPanel;
   const int64_t num_tasks = (num_panels + kTaskPanels - 1) / kTaskPanels;
   const int64_t row_chunk = std::max<int64_t>(12, kChunkBytes / (K * 2) / 12 * 12);
-  for_each_task(num_tasks, [&](int64_t task) {
+  mmserve::for_each_task(num_tasks, [&](int64_t task) {
     const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
     panels_zmm(xp, rows, ldx, pp, K2, panel_size, begin, end, row_chunk, yp, N, bp);
   });
@@ -325,7 +313,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels,
   // chunk of rows.
   const int64_t num_tasks = (num_panels + kTaskPanels - 1) / kTaskPanels;
   const int64_t row_chunk = std::max<int64_t>(12, kChunkBytes / (K * 4) / 12 * 12);
-  for_each_task(num_tasks, [&](int64_t task) {
+  mmserve::for_each_task(num_tasks, [&](int64_t task) {
     const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
 #if defined(__AVX512F__)
     panels_zmm(xp, rows, ldx, pp, K, K * kPanel, begin, end, row_chunk, yp, N, bp);

@@ -16,10 +16,11 @@ pytestmark = pytest.mark.slow
 
 BYTES_PER_BLOCK = 30 * 2 * 16 * 3 * 64 * 4  # layers * (K, V) * block * kv heads * head dim * fp32
 
+# 16-token blocks: small enough that preemption and prefix reuse happen at these sizes
 CONFIGS = {
-    "default": {},
-    "chunked_prefill": {"max_num_batched_tokens": 16, "max_num_seqs": 10},
-    "preemption": {"kv_cache_bytes": 14 * BYTES_PER_BLOCK},  # 224 tokens for ~700 needed
+    "default": {"block_size": 16},
+    "chunked_prefill": {"block_size": 16, "max_num_batched_tokens": 16, "max_num_seqs": 10},
+    "preemption": {"block_size": 16, "kv_cache_bytes": 14 * BYTES_PER_BLOCK},  # 224 of ~700
 }
 
 
@@ -55,7 +56,7 @@ async def test_concurrent_requests_match_transformers(smollm2, cases, config):
 
 
 async def test_the_second_turn_reuses_the_first_turns_blocks(smollm2, cases):
-    engine = TorchEngine(EngineConfig(model_dir=smollm2.path))
+    engine = TorchEngine(EngineConfig(model_dir=smollm2.path, block_size=16))
     await engine.start()
     try:
         first = cases[0]

@@ -47,7 +47,7 @@ def _reference_decode(q, cache: LayerCache, tables, lengths):
 def test_paged_decode_matches_plain_torch(dtype, block_size, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(block_size * 131 + heads)
     num_blocks = 200 // block_size + 40
-    pool = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    pool = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=g).to(dtype)
     cache = LayerCache(pool[0], pool[1])
     lengths = [1, 2, block_size, block_size + 1, 77, 150, 3]
     tables = _tables(lengths, block_size, num_blocks, g)
@@ -61,7 +61,7 @@ def test_paged_decode_matches_plain_torch(dtype, block_size, heads, kv_heads, he
 
 def test_paged_decode_reads_a_strided_query_and_only_its_own_blocks():
     g = torch.Generator().manual_seed(0)
-    pool = torch.randn(2, 30, 4, 2, 16, generator=g)
+    pool = torch.randn(2, 30, 2, 4, 16, generator=g)
     cache = LayerCache(pool[0], pool[1])
     rows = torch.randn(3, 4 + 2 * 2, 16, generator=g)  # fused qkv rows: q is a strided view
     q = rows[:, :4]
@@ -83,7 +83,7 @@ def test_paged_decode_reads_a_strided_query_and_only_its_own_blocks():
     ([5], [[-1, 0]], "is not a block of the cache"),
 ])
 def test_paged_decode_refuses_tables_it_would_read_outside(lengths, table, message):
-    pool = torch.zeros(2, 4, 4, 1, 8)
+    pool = torch.zeros(2, 4, 1, 4, 8)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.mmserve.paged_decode(torch.zeros(1, 1, 8), pool[0], pool[1],
                                        torch.tensor(table, dtype=torch.int32),
@@ -114,7 +114,7 @@ def test_rope_and_cache_matches_plain_torch(dtype, rotary_dim):
     positions = torch.randint(0, 64, (rows,), generator=g)
     slots = torch.randperm(40, generator=g)[:rows]
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
-    pool = torch.zeros(2, 10, 4, kv_heads, head_dim, dtype=dtype)
+    pool = torch.zeros(2, 10, kv_heads, 4, head_dim, dtype=dtype)
     cache = LayerCache(pool[0], pool[1])
 
     cos, sin = rope.lookup(positions)
@@ -126,11 +126,21 @@ def test_rope_and_cache_matches_plain_torch(dtype, rotary_dim):
     got_rows = got.view(rows, -1, head_dim)
     torch.testing.assert_close(got_rows[:, : heads + kv_heads], ref_qk, **TOL[dtype])
     assert torch.equal(got_rows[:, heads + kv_heads:], ref_rows[:, heads + kv_heads:])
-    assert torch.equal(cache.k_slots[slots], got_rows[:, heads: heads + kv_heads])
-    assert torch.equal(cache.v_slots[slots], ref_rows[:, heads + kv_heads:])
+    k, v = cache.read(slots)
+    assert torch.equal(k, got_rows[:, heads: heads + kv_heads])
+    assert torch.equal(v, ref_rows[:, heads + kv_heads:])
+    # slot 4b + r of head h is row r of block b's run for h
+    b, r = int(slots[0]) // 4, int(slots[0]) % 4
+    assert torch.equal(cache.k[b, 1, r], got_rows[0, heads + 1])
     untouched = torch.ones(40, dtype=torch.bool)
     untouched[slots] = False
-    assert not cache.k_slots[untouched].any() and not cache.v_slots[untouched].any()
+    k, v = cache.read(torch.arange(40)[untouched])
+    assert not k.any() and not v.any()
+    # the plain-torch write puts the same rows in the same places
+    torch_pool = torch.zeros_like(pool)
+    LayerCache(torch_pool[0], torch_pool[1]).write(got_rows[:, heads: heads + kv_heads],
+                                                   ref_rows[:, heads + kv_heads:], slots)
+    assert torch.equal(torch_pool, pool)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,7 +10,7 @@ from llm_service.engine.config import EngineConfig
 def test_defaults_and_path_coercion():
     config = EngineConfig(model_dir="/models/x")
     assert config.model_dir == Path("/models/x")
-    assert (config.block_size, config.max_num_seqs, config.max_num_batched_tokens) == (16, 64, 512)
+    assert (config.block_size, config.max_num_seqs, config.max_num_batched_tokens) == (128, 64, 512)
     assert config.enable_prefix_caching and config.scheduling == "fcfs"
 
 
