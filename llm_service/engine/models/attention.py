@@ -55,15 +55,19 @@ class LayerCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """k, v: [T, kv_heads, head_dim] into their slots."""
-        blocks, rows = slot_mapping // self.k.shape[2], slot_mapping % self.k.shape[2]
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+              rows: torch.Tensor) -> None:
+        """k, v: [T, kv_heads, head_dim] into row rows[i] of block blocks[i]."""
         self.k[blocks, :, rows] = k
         self.v[blocks, :, rows] = v
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots, each [len(slots), kv_heads, head_dim]."""
-        blocks, rows = slots // self.k.shape[2], slots % self.k.shape[2]
+        blocks, rows = slots // self.block_size, slots % self.block_size
         return self.k[blocks, :, rows], self.v[blocks, :, rows]
 
 
@@ -91,6 +95,14 @@ class AttentionMetadata:
     prefills: list[PrefillRun]
     decode_lens: torch.Tensor | None = None  # int32 [num_decodes]: keys of each decode
     kernel: bool = False  # decodes run mmserve::paged_decode
+    _slot_index: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def slot_index(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """slot_mapping as (block, row within the block): worked out once per step, for
+        every layer's plain-torch cache write."""
+        if self._slot_index is None:
+            self._slot_index = (self.slot_mapping // block_size, self.slot_mapping % block_size)
+        return self._slot_index
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,

@@ -154,7 +154,7 @@ class DecoderLayer(nn.Module):
         qk = apply_rotary(rows[:, : heads + kv_heads], rope.cos, rope.sin)
         q, k = qk.split((heads, kv_heads), dim=1)
         v = rows[:, heads + kv_heads:]
-        cache.write(k, v, meta.slot_mapping)
+        cache.write(k, v, *meta.slot_index(cache.block_size))
         return q, k, v
 
 

@@ -139,7 +139,8 @@ def test_rope_and_cache_matches_plain_torch(dtype, rotary_dim):
     # the plain-torch write puts the same rows in the same places
     torch_pool = torch.zeros_like(pool)
     LayerCache(torch_pool[0], torch_pool[1]).write(got_rows[:, heads: heads + kv_heads],
-                                                   ref_rows[:, heads + kv_heads:], slots)
+                                                   ref_rows[:, heads + kv_heads:], slots // 4,
+                                                   slots % 4)
     assert torch.equal(torch_pool, pool)
 
 
