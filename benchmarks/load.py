@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from benchmarks.streaming import Timing, client_session, percentile, stream_one, tree_rss_bytes
 
 SERVICES = {"gateway": ("-m gateway", "mmserve-gateway"),

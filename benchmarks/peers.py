@@ -347,13 +347,13 @@ class Level:
 def run_load(server: Server, bodies: list[dict], concurrency: int, sample_rss: bool) -> LoadResult:
     if not sample_rss:
         return asyncio.run(closed_loop(server.url, "/v1/completions", bodies, concurrency))
-    before = os.times()
+    # The load generator (this thread's event loop) shares the cores too: what it spends, the
+    # server cannot. thread_time leaves out PeakRss's sampling thread.
+    client_started = time.thread_time()
     with PeakRss(server.proc.pid) as peak, CpuTime(server.proc.pid) as cpu:
         result = asyncio.run(closed_loop(server.url, "/v1/completions", bodies, concurrency))
-    after = os.times()
+    cpu.by_process["load generator"] = time.thread_time() - client_started
     server.peak_rss = max(server.peak_rss, peak.peak)
-    # The load generator shares the cores too: what it spends, the server cannot.
-    cpu.by_process["load generator"] = (after.user - before.user) + (after.system - before.system)
     for name, seconds in cpu.by_process.items():
         server.cpu[name] = server.cpu.get(name, 0.0) + seconds
     server.cpu_wall += result.seconds
