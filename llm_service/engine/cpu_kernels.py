@@ -27,7 +27,7 @@ SOURCES = (CSRC / "paged_attention.cpp", CSRC / "layer_ops.cpp", CSRC / "skinny_
            CSRC / "panel_linear.cpp")
 HEADERS = (CSRC / "cpu_math.h",)
 OPS = ("paged_decode", "rms_norm", "add_rms_norm", "rope_and_cache", "silu_and_mul",
-       "skinny_linear", "pack_panels", "panel_linear")
+       "skinny_linear", "pack_panels", "panel_linear", "argmax_rows")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
           "-std=c++17"]
 _lock = threading.Lock()

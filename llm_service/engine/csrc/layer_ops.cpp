@@ -10,6 +10,8 @@
 //   rope_and_cache rotates q and k inside the fused qkv rows (in place) and writes k, v into
 //                  the paged cache at their slots
 //   silu_and_mul   silu(gate) * up over [gate | up] rows
+//   argmax_rows    each row's first maximum, as torch.argmax(dim=-1) gives it (a NaN counts
+//                  as the maximum); greedy decoding's whole sampler
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,9 +19,11 @@
 
 #include "cpu_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -209,6 +213,56 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// torch.argmax over a row of the vocabulary runs a scalar compare-and-index loop (1.1 ms for
+// 64 rows of 49k fp32 logits on 2 cores, where amax takes 0.09 ms). Here: the row's maximum
+// chunk by chunk with vector max reductions, remembering the first chunk that raised it,
+// then a scan of that chunk alone for its first position.
+constexpr int64_t kArgmaxChunk = 256;
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t size) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t best_chunk = 0;
+  int nans = 0;
+  for (int64_t c = 0; c < size; c += kArgmaxChunk) {
+    const int64_t end = std::min(size, c + kArgmaxChunk);
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m) reduction(| : nans)
+    for (int64_t i = c; i < end; ++i) {
+      const float v = to_float(x[i]);
+      m = v > m ? v : m;
+      nans |= v != v;
+    }
+    if (m > best) {
+      best = m;
+      best_chunk = c;
+    }
+  }
+  if (nans) {
+    for (int64_t i = 0; i < size; ++i)
+      if (to_float(x[i]) != to_float(x[i])) return i;
+  }
+  for (int64_t i = best_chunk; i < size; ++i)
+    if (to_float(x[i]) == best) return i;
+  return 0;  // unreachable: the chunk holds its maximum
+}
+
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.stride(1) == 1 &&
+                  logits.size(1) > 0,
+              "argmax_rows: logits must be a CPU [rows, vocab] with dense rows");
+  const int64_t rows = logits.size(0), size = logits.size(1), ld = logits.stride(0);
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  int64_t* dst = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, logits.scalar_type(), "argmax_rows", [&] {
+    const scalar_t* src = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) dst[r] = argmax_row(src + r * ld, size);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmserve, m) {
@@ -218,6 +272,7 @@ TORCH_LIBRARY_FRAGMENT(mmserve, m) {
         "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, int num_heads, "
         "int num_kv_heads) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmserve, CPU, m) {
@@ -225,4 +280,5 @@ TORCH_LIBRARY_IMPL(mmserve, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }

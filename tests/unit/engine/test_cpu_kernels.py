@@ -42,7 +42,7 @@ def _reference_decode(q, cache: LayerCache, tables, lengths):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [1, 4, 16, 32])
+@pytest.mark.parametrize("block_size", [1, 4, 16, 32, 128])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 1, 128), (14, 2, 64)])
 def test_paged_decode_matches_plain_torch(dtype, block_size, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(block_size * 131 + heads)
@@ -151,6 +151,23 @@ def test_silu_and_mul_matches_plain_torch(dtype):
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(torch.ops.mmserve.silu_and_mul(gate_up), F.silu(gate) * up,
                                **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 255, 256, 257, 49152 + 17])
+def test_argmax_rows_matches_torch(dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=g).to(dtype)
+    logits[1] = float("-inf")  # nothing allowed: torch says 0
+    logits[2, :] = 1.0  # all tied: the first
+    if vocab > 300:
+        logits[3, [5, 260, vocab - 1]] = 50.0  # ties across chunks: the first
+        logits[4, [7, vocab - 3]] = float("nan")  # a NaN is the maximum, the first of them
+        logits[5, vocab - 1] = float("inf")  # in the last, ragged chunk
+        logits[6, [0, 300]] = float("inf")
+    strided = torch.randn(4, vocab + 5, generator=g).to(dtype)[:, 2: vocab + 2]
+    for x in (logits, strided):
+        assert torch.equal(torch.ops.mmserve.argmax_rows(x), x.float().argmax(dim=-1))
 
 
 # Row blocks of 6 (AVX2) and 12 (AVX-512) with every tail; 176 outputs are 11 panels, three

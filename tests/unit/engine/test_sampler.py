@@ -5,11 +5,15 @@ import math
 import pytest
 import torch
 
+from llm_service.engine import cpu_kernels
 from llm_service.engine.protocol import EngineRequest, SamplingParams
 from llm_service.engine.sampler import TOP_P_CANDIDATES, Sampler
 from llm_service.engine.sequence import Sequence
 
 EOS = 0
+# Greedy rows: torch's argmax, and mmserve::argmax_rows where the CPU kernels build.
+ARGMAX = pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not cpu_kernels.load(), reason="CPU kernels cannot be built here"))])
 
 
 def make_seq(seq_id: int = 0, outputs: tuple[int, ...] = (), prompt: tuple[int, ...] = (9, 9),
@@ -32,11 +36,12 @@ def draws(logits: torch.Tensor, num: int, **sampling) -> list[int]:
     return tokens
 
 
-def test_greedy_is_argmax():
-    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0], [5.0, 1.0, 3.0, 2.0]])
-    seqs = [make_seq(0, temperature=0.0), make_seq(1, temperature=0.0)]
-    tokens, logprobs = Sampler()(logits, seqs)
-    assert tokens == [2, 0] and logprobs is None
+@ARGMAX
+def test_greedy_is_argmax(kernel):
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0], [5.0, 1.0, 3.0, 2.0], [1.0, 4.0, 4.0, 0.0]])
+    seqs = [make_seq(i, temperature=0.0) for i in range(3)]
+    tokens, logprobs = Sampler(cpu_kernel=kernel)(logits, seqs)
+    assert tokens == [2, 0, 1] and logprobs is None
 
 
 @pytest.mark.parametrize(("penalty", "expected"), [
@@ -59,19 +64,22 @@ def test_repetition_penalty_covers_the_prompt_and_pushes_negatives_down():
     assert Sampler()(logits, [seq])[0] == [2]
 
 
-def test_penalties_apply_per_row():
+@ARGMAX
+def test_penalties_apply_per_row(kernel):
     logits = torch.tensor([[-1.0, 1.0, 0.75, 0.5]] * 2)
     plain = make_seq(0, outputs=(1, 1), temperature=0.0)
     penalized = make_seq(1, outputs=(1, 1), temperature=0.0, presence_penalty=0.3)
-    assert Sampler()(logits, [plain, penalized])[0] == [1, 2]
+    assert Sampler(cpu_kernel=kernel)(logits, [plain, penalized])[0] == [1, 2]
 
 
-def test_min_tokens_holds_back_stop_tokens():
+@ARGMAX
+def test_min_tokens_holds_back_stop_tokens(kernel):
     logits = torch.tensor([[5.0, 1.0, 2.0, 0.0]])
     early = make_seq(outputs=(3,), temperature=0.0, min_tokens=2, stop_token_ids=(2,))
-    assert Sampler()(logits, [early])[0] == [1]  # neither EOS (0) nor the stop id 2
+    sampler = Sampler(cpu_kernel=kernel)
+    assert sampler(logits, [early])[0] == [1]  # neither EOS (0) nor the stop id 2
     done = make_seq(outputs=(3, 3), temperature=0.0, min_tokens=2)
-    assert Sampler()(logits, [done])[0] == [EOS]
+    assert sampler(logits, [done])[0] == [EOS]
 
 
 def test_sampling_follows_the_distribution():
