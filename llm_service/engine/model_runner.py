@@ -19,6 +19,7 @@ from llm_service.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+PAGED_PREFILL_FP32 = 1024  # fp32 prompt chunks ending within this many tokens: paged_prefill
 SKINNY_ROWS = 4  # the skinny kernel beats oneDNN up to here (fp32; 2 cores, 27 GB/s memory)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,7 +86,7 @@ class ModelRunner:
         if self.max_model_len < max_len:
             log.warning("max_model_len lowered from %d to %d to fit the KV pool (%d blocks)",
                         max_len, self.max_model_len, num_blocks)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, cpu_kernel=self.kernels)
 
     def _use_panels(self, mode: str, prepack: bool) -> bool:
         """Whether the projections run mmserve::panel_linear (see EngineConfig.cpu_linear)."""
@@ -142,12 +143,24 @@ class ModelRunner:
             ordered[index] = logprobs[k]
         return RunnerOutput(token_ids, ordered)
 
+    def paged_prefill(self, item: ScheduledSequence) -> bool:
+        """Whether a prompt chunk's rows are attended by mmserve::paged_decode, one row at a
+        time, instead of by SDPA. On 2 cores (SmolLM2's 9 / 3 heads of 64) the kernel took
+        133 us for a 128-token prompt where torch's flash SDPA took 358 (bf16; fp32: 163 vs
+        334), and 25 vs 43 ms at 2048 tokens in bf16; in fp32 it falls behind past ~1k."""
+        if not self.kernels or item.num_tokens == 1:
+            return False
+        return self.dtype == torch.bfloat16 or item.start + item.num_tokens <= PAGED_PREFILL_FP32
+
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
-        """Flat step inputs; rows are laid out decodes first, then one run per prompt chunk."""
+        """Flat step inputs; rows are laid out paged rows first (the decodes, then the prompt
+        chunks paged_prefill takes), then one SDPA run per other prompt chunk."""
         bs = self.block_size
-        order = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
-        num_decodes = len(order)
-        order += [i for i, s in enumerate(scheduled) if s.num_tokens > 1]
+        decodes = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
+        paged = [i for i, s in enumerate(scheduled) if self.paged_prefill(s)]
+        taken = set(decodes) | set(paged)
+        order = decodes + paged + [i for i in range(len(scheduled)) if i not in taken]
+        paged_rows = len(decodes) + sum(scheduled[i].num_tokens for i in paged)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -161,7 +174,7 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if item.num_tokens > 1:
+            if row >= paged_rows:
                 prefills.append(self._prefill_run(row, start, end, table))
             if item.sample:
                 sample_rows.append(row + item.num_tokens - 1)
@@ -171,9 +184,9 @@ class ModelRunner:
         ids_t = torch.tensor(ids, device=dev).clamp_(0, self.spec.vocab_size - 1)
         embeds = self.model.embed(ids_t)
         self._write_spans(embeds, [scheduled[i] for i in order])
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), num_decodes, None, 0, None,
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), paged_rows, None, 0, None,
                                  prefills, kernel=self.kernels)
-        self._decode_tables([scheduled[i] for i in order[:num_decodes]], meta)
+        self._paged_tables([scheduled[i] for i in decodes + paged], meta)
         return StepInputs(embeds, torch.tensor(positions, device=dev), meta, sample_rows,
                           sample_seqs, sample_index)
 
@@ -189,20 +202,25 @@ class ModelRunner:
             keys > queries, float("-inf"))
         return PrefillRun(row, row + n, end, blocks, mask)
 
-    def _decode_tables(self, decodes: list[ScheduledSequence], meta: AttentionMetadata) -> None:
-        """The decodes' padded block tables and context lengths (the kernel), or the padding
-        mask over the longest context (plain torch)."""
-        if not decodes:
+    def _paged_tables(self, items: list[ScheduledSequence], meta: AttentionMetadata) -> None:
+        """Per paged row, its sequence's padded block table and its context length (the
+        kernel: a prompt row's context ends at its own position), or the padding mask over
+        the longest context (plain torch, where every paged row is a decode)."""
+        if not items:
             return
-        lengths = [d.start + 1 for d in decodes]
+        lengths = [p + 1 for d in items for p in range(d.start, d.start + d.num_tokens)]
         longest = max(lengths)
         width = -(-longest // self.block_size)
-        tables = [d.seq.block_table[:width] for d in decodes]
+        tables = [d.seq.block_table[:width] for d in items]
         dev = self.device
         padded = [t + [0] * (width - len(t)) for t in tables]
         meta.decode_len = longest
         if meta.kernel:
-            meta.decode_blocks = torch.tensor(padded, dtype=torch.int32)
+            blocks = torch.tensor(padded, dtype=torch.int32)
+            if len(lengths) > len(items):  # a prompt chunk's rows share its table
+                blocks = blocks.repeat_interleave(
+                    torch.tensor([d.num_tokens for d in items]), dim=0)
+            meta.decode_blocks = blocks
             meta.decode_lens = torch.tensor(lengths, dtype=torch.int32)
             return
         meta.decode_blocks = torch.tensor(padded, device=dev)
@@ -210,9 +228,9 @@ class ModelRunner:
             return
         keys = torch.arange(longest, device=dev).unsqueeze(0)
         valid = keys < torch.tensor(lengths, device=dev).unsqueeze(1)
-        mask = torch.zeros(len(decodes), longest, dtype=self.dtype, device=dev)
+        mask = torch.zeros(len(items), longest, dtype=self.dtype, device=dev)
         mask.masked_fill_(~valid, float("-inf"))
-        meta.decode_mask = mask.view(len(decodes), 1, 1, -1)
+        meta.decode_mask = mask.view(len(items), 1, 1, -1)
 
     def _write_spans(self, embeds: torch.Tensor, items: list[ScheduledSequence]) -> None:
         row = 0

@@ -1,11 +1,13 @@
 """Paged attention: K/V live in fixed-size blocks and are read through block tables.
 
-Rows of a step's flat batch are laid out decodes first (one token each), then one contiguous
-run per multi-token sequence (a prompt or a prompt chunk, attended by its own SDPA call).
-Decodes are attended either by the CPU kernel `mmserve::paged_decode`, which reads K/V in
-place through the block table, or in plain torch: one padded SDPA call over their gathered
-blocks. The plain-torch path runs on CPU and CUDA and is the reference the kernel is tested
-against.
+Rows of a step's flat batch are laid out "paged" rows first, each attending on its own
+through its sequence's block table, then one contiguous run per remaining multi-token
+sequence (a prompt or a prompt chunk, attended by its own SDPA call). In plain torch the
+paged rows are the decodes (one token each), attended by one padded SDPA call over their
+gathered blocks; this path runs on CPU and CUDA and is the reference the kernel is tested
+against. With the CPU kernel `mmserve::paged_decode`, which reads K/V in place, prompt rows
+are paged rows too (see model_runner.paged_prefill): a prompt row is a decode whose context
+ends at its own position, and its K/V are in the cache before attention runs.
 """
 
 from __future__ import annotations
@@ -85,16 +87,18 @@ class PrefillRun:
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T]: pool slot (block * block_size + offset) of each new token
-    num_decodes: int  # rows [0, num_decodes) are single-token sequences
-    # [num_decodes, max_blocks], padded with any block id: int32 for the kernel, else int64
+    # Rows [0, paged_rows) each attend alone through their sequence's block table: the
+    # decodes, and with the kernel the rows of prompt chunks it takes
+    paged_rows: int
+    # [paged_rows, max_blocks], padded with any block id: int32 for the kernel, else int64
     decode_blocks: torch.Tensor | None
-    decode_len: int  # keys attended by the longest decode
-    # Plain torch: [num_decodes, 1, 1, decode_len] additive; None when all decodes have
+    decode_len: int  # keys attended by the longest paged row
+    # Plain torch: [paged_rows, 1, 1, decode_len] additive; None when all decodes have
     # decode_len keys. The kernel takes decode_lens instead.
     decode_mask: torch.Tensor | None
-    prefills: list[PrefillRun]
-    decode_lens: torch.Tensor | None = None  # int32 [num_decodes]: keys of each decode
-    kernel: bool = False  # decodes run mmserve::paged_decode
+    prefills: list[PrefillRun]  # the multi-token runs attended by SDPA
+    decode_lens: torch.Tensor | None = None  # int32 [paged_rows]: keys of each paged row
+    kernel: bool = False  # paged rows run mmserve::paged_decode
     _slot_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def slot_index(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,11 +114,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim], already written into `cache`.
     Returns the attention output, [T, heads * head_dim]."""
     num_tokens, num_heads, head_dim = q.shape
-    if meta.num_decodes == num_tokens:
+    if meta.paged_rows == num_tokens:
         return _decode(q, cache, meta).view(num_tokens, -1)
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    if meta.num_decodes:
-        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], cache, meta)
+    if meta.paged_rows:
+        out[: meta.paged_rows] = _decode(q[: meta.paged_rows], cache, meta)
     for run in meta.prefills:
         # 4-D [1, heads, rows, head_dim]: the CPU flash kernel takes nothing else
         qr = q[run.start: run.end].transpose(0, 1).unsqueeze(0)

@@ -15,6 +15,7 @@ from llm_service.engine import cpu_kernels
 from llm_service.engine.models.attention import AttentionMetadata, LayerCache, _decode
 from llm_service.engine.models.llama import RMSNorm
 from llm_service.engine.models.rope import RopeSpec, RotaryEmbedding, apply_rotary
+from llm_service.engine.outputs import ScheduledSequence
 
 from tiny_checkpoints import VOCAB, save_checkpoint
 
@@ -255,6 +256,42 @@ def test_a_model_on_the_kernels_gives_the_plain_torch_logits(tmp_path, family, l
     assert runner.model.layers[0].qkv.skinny_rows == 0
     plain = engine_logits(runner, tokens, chunks)
     torch.testing.assert_close(with_kernels, plain, atol=1e-4, rtol=0)
+
+
+def test_prompt_rows_take_the_paged_kernel_and_long_fp32_chunks_sdpa(tmp_path, monkeypatch):
+    from test_models import engine_logits, make_runner
+
+    from llm_service.engine import model_runner
+
+    save_checkpoint(tmp_path, "llama", seed=9)
+    runner = make_runner(tmp_path)
+    metas = []
+    prepare = runner.prepare
+
+    def recorded(scheduled):
+        inputs = prepare(scheduled)
+        metas.append(inputs.meta)
+        return inputs
+
+    monkeypatch.setattr(runner, "prepare", recorded)
+    monkeypatch.setattr(model_runner, "PAGED_PREFILL_FP32", 24)
+    tokens = torch.randint(0, VOCAB, (33,), generator=torch.Generator().manual_seed(5)).tolist()
+    chunks = [20, 1, 11]  # a prompt chunk within the fp32 limit, a decode, one past it
+    got = engine_logits(runner, tokens, chunks)
+    assert [(m.paged_rows, len(m.prefills)) for m in metas] == [(20, 0), (1, 0), (0, 1)]
+    assert metas[0].decode_lens.tolist() == list(range(1, 21))  # each row sees its past
+    assert metas[0].decode_blocks.shape == (20, 5)  # the prompt's table on every row
+    # bf16 chunks take the kernel at any length (it stays ahead of SDPA there)
+    long_chunk = ScheduledSequence(None, 0, 4000, False)
+    assert not runner.paged_prefill(long_chunk)
+    monkeypatch.setattr(runner, "dtype", torch.bfloat16)
+    assert runner.paged_prefill(long_chunk)
+    monkeypatch.setattr(runner, "dtype", torch.float32)
+    runner.model.use_cpu_kernels(False)
+    runner.kernels = False
+    plain = engine_logits(runner, tokens, chunks)
+    assert metas[-1].paged_rows == 0 and len(metas[-1].prefills) == 1  # SDPA, no kernel
+    torch.testing.assert_close(got, plain, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("flags, panels", [
