@@ -146,6 +146,9 @@ class RequestTimer:
     def __init__(self, metrics: LLMMetrics) -> None:
         self._m = metrics
         self._label = metrics.model_name
+        # looked up once: `tokens` runs for every streamed chunk
+        self._ttft = metrics.ttft.labels(self._label)
+        self._itl = metrics.itl.labels(self._label)
         self._started = time.perf_counter()
         self._last: float | None = None
 
@@ -155,9 +158,9 @@ class RequestTimer:
             return
         now = time.perf_counter()
         if self._last is None:
-            self._m.ttft.labels(self._label).observe(now - self._started)
+            self._ttft.observe(now - self._started)
         else:
-            self._m.itl.labels(self._label).observe(now - self._last)
+            self._itl.observe(now - self._last)
         self._last = now
 
     def timings(self, queue_s: float, encode_s: float, with_media: bool) -> None:
