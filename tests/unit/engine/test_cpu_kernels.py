@@ -171,8 +171,8 @@ def test_argmax_rows_matches_torch(dtype, vocab):
         assert torch.equal(torch.ops.mmserve.argmax_rows(x), x.float().argmax(dim=-1))
 
 
-# Row blocks of 6 (AVX2) and 12 (AVX-512) with every tail; 176 outputs are 11 panels, three
-# tasks with a lone panel at the end; 2048 inputs make row chunks of 24 (100 rows: five).
+# Row blocks of 6 (AVX2) and 12 (AVX-512) with every tail; 176 outputs are 11 panels, two
+# tasks, the second ending in a lone panel; 2048 inputs make row chunks of 24 (100 rows: five).
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 12, 13, 25, 100])
 @pytest.mark.parametrize("out_features, in_features", [(48, 72), (176, 2048)])
 @pytest.mark.parametrize("bias", [False, True])
