@@ -1,7 +1,8 @@
 // Decode attention that reads K/V in place from the paged cache (CPU).
 //
-// One query row per sequence: each sequence attends to its first context_lens[s] cached
-// tokens, found through its row of block_tables. A task is one KV head of one sequence: the
+// One query row per entry: each row attends to its first context_lens[s] cached tokens,
+// found through its row of block_tables (a decode, or one row of a prompt whose own K/V are
+// already cached; the model runner sends both). A task is one KV head of one row: the
 // query heads sharing it score the same key rows one after the other (the first brings them
 // into cache), then (bf16) read each value row once for up to four heads. AVX-512 where the build
 // machine has it (bf16 keys scored with AVX-512 BF16 dot products where it has those), else
@@ -76,8 +77,9 @@ constexpr int64_t kPrefetchRows = 8;  // key rows ahead of the one being scored
 // against the cached keys, then `scale`. Returns their maximum.
 // With `values` (the first head of a KV head), the key rows a few ahead and the value rows
 // of the same slots are prefetched as it goes: the hardware prefetcher alone left the bf16
-// kernel at ~18 GB/s, short of the memory's ~28 (SmolLM2, 16 sequences of 185 tokens: 127 -> 93-99 us per
-// layer; 64 sequences: 472 -> 372-403); the other heads of the group find the keys in cache.
+// kernel at ~18 GB/s, short of the memory's ~28 (SmolLM2, 185-token contexts, per layer: 16
+// sequences 127 -> 93-99 us, 64 sequences 472 -> 372-403); the other heads of the group find
+// the keys in cache.
 template <int D>
 float head_scores_bf16(const c10::BFloat16* q, float scale, const c10::BFloat16* k_cache,
                        const int32_t* table, int64_t context_len, int64_t block_size,
