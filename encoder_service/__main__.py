@@ -22,6 +22,7 @@ import yaml
 from encoder_service.config import DTYPES, FAMILIES, TOWERS, EncoderConfig
 from mmserve.modelconfig import load_model_config
 from mmserve.rpc.flags import parse_bool, parse_with_env
+from mmserve.rpc.server import run
 
 ENV_PREFIX = "MMSERVE_ENCODER_"
 log = logging.getLogger("encoder_service")
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print(yaml.safe_dump({"encoder": config.to_dict_redacted()}, sort_keys=False), end="")
         return 0
     try:
-        asyncio.run(serve(config))
+        run(serve(config))
     except OSError as exc:
         print(f"encoder_service: {exc}", file=sys.stderr)
         return 1

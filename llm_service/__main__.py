@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from dataclasses import asdict
 from llm_service.config import LLMConfig
 from mmserve.modelconfig import load_model_config
 from mmserve.rpc.flags import parse_with_env
+from mmserve.rpc.server import run
 
 log = logging.getLogger("llm_service")
 ENV = "MMSERVE_LLM_"
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from llm_service.app import serve
 
     try:
-        asyncio.run(serve(config))
+        run(serve(config))
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
