@@ -42,6 +42,18 @@ constexpr int64_t kChunkBytes = 256 * 1024;  // x rows per chunk: about this muc
 // 19.1-27.6 and bf16 6.9-8.8 against 9.2-12.4.
 constexpr int64_t kTaskPanels = 8;
 
+// Tasks go out in order, one at a time, so a thread that finishes task t most likely takes
+// t + threads next: the first panel of that task, for the last pair of t to prefetch, so
+// that no task starts on panels straight from memory. (A wrong guess costs one task's first
+// pair of extra reads, into a cache that then does not use them.)
+template <typename T>
+const T* likely_next_task(const T* panels, int64_t panel_size, int64_t task, int64_t num_tasks,
+                          int64_t num_panels) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  const int64_t first = (task + threads) * kTaskPanels;
+  return first < num_panels ? panels + first * panel_size : nullptr;
+}
+
 #if defined(__AVX512F__)
 // The zmm kernel's per-dtype steps. fp32: 16 columns of one k per vector, one x value
 // broadcast, FMA. bf16: W packed as [N / 16, K / 2, 16, 2], so a vector holds 16 columns of
@@ -178,14 +190,18 @@ void rows_by_panels_zmm(const T* x, int64_t rows, int64_t ldx, const T* panel, i
 
 // Every row of x against panels [begin, end), two at a time, in chunks of `row_chunk` rows.
 // `depth`: the k steps of a panel (K in fp32, K / 2 pairs in bf16); `panel_size`: its values.
+// Each pair prefetches the next; the last pair prefetches the task's own first pair when
+// another chunk of rows follows, else `after` (the first pair of the task this thread will
+// probably take next; nullptr: none).
 template <typename T>
 void panels_zmm(const T* x, int64_t rows, int64_t ldx, const T* panels, int64_t depth,
                 int64_t panel_size, int64_t begin, int64_t end, int64_t row_chunk, T* y,
-                int64_t N, const T* bias) {
+                int64_t N, const T* bias, const T* after) {
   for (int64_t m = 0; m < rows; m += row_chunk) {
     const int64_t chunk = std::min(row_chunk, rows - m);
+    const T* last_next = m + row_chunk < rows ? panels + begin * panel_size : after;
     for (int64_t p = begin; p < end; p += 2) {
-      const T* next = p + 2 < end ? panels + (p + 2) * panel_size : nullptr;
+      const T* next = p + 2 < end ? panels + (p + 2) * panel_size : last_next;
       const T* panel = panels + p * panel_size;
       T* yo = y + m * N + p * kPanel;
       const T* bo = bias ? bias + p * kPanel : nullptr;
@@ -277,7 +293,8 @@ at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels,
   const int64_t row_chunk = std::max<int64_t>(12, kChunkBytes / (K * 2) / 12 * 12);
   mmserve::for_each_task(num_tasks, [&](int64_t task) {
     const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
-    panels_zmm(xp, rows, ldx, pp, K2, panel_size, begin, end, row_chunk, yp, N, bp);
+    panels_zmm(xp, rows, ldx, pp, K2, panel_size, begin, end, row_chunk, yp, N, bp,
+               likely_next_task(pp, panel_size, task, num_tasks, num_panels));
   });
   return y;
 }
@@ -320,7 +337,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels,
   mmserve::for_each_task(num_tasks, [&](int64_t task) {
     const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
 #if defined(__AVX512F__)
-    panels_zmm(xp, rows, ldx, pp, K, K * kPanel, begin, end, row_chunk, yp, N, bp);
+    panels_zmm(xp, rows, ldx, pp, K, K * kPanel, begin, end, row_chunk, yp, N, bp,
+               likely_next_task(pp, K * kPanel, task, num_tasks, num_panels));
 #else
     for (int64_t m = 0; m < rows; m += row_chunk) {
       const int64_t chunk = std::min(row_chunk, rows - m);
