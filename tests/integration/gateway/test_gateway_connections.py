@@ -16,6 +16,7 @@ import uvicorn
 from gateway.__main__ import server_options
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.connections import header_timeout_protocol
 from polling import eventually
 
 HEADER_S, BODY_S = 0.5, 1.0
@@ -23,10 +24,12 @@ BODY = json.dumps({"messages": [{"role": "user", "content": "one two three four 
                    "stream": True}).encode()
 
 
-async def serve(config: GatewayConfig) -> AsyncIterator[int]:
+async def serve(config: GatewayConfig, parser: str = "auto") -> AsyncIterator[int]:
+    options = server_options(config) | {"http": header_timeout_protocol(config.header_timeout_s,
+                                                                        parser)}
     server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0,
                                            log_level="warning", timeout_graceful_shutdown=1,
-                                           **server_options(config)))
+                                           **options))
     task = asyncio.create_task(server.serve())
     await eventually(lambda: server.started or task.done())
     if task.done():
@@ -36,11 +39,13 @@ async def serve(config: GatewayConfig) -> AsyncIterator[int]:
     await task
 
 
-@pytest.fixture
-async def port(config) -> AsyncIterator[int]:
+@pytest.fixture(params=["httptools", "h11"])
+async def port(config, request) -> AsyncIterator[int]:
+    """The gateway on each of uvicorn's HTTP parsers (httptools is the default where it is
+    installed; h11 is the fallback)."""
     limited = dataclasses.replace(config, api_keys=(), header_timeout_s=HEADER_S,
                                   body_timeout_s=BODY_S)
-    async for value in serve(limited):
+    async for value in serve(limited, request.param):
         yield value
 
 
