@@ -108,9 +108,10 @@ def test_sigterm_drains_each_service(smollm2_dir, tmp_path):
                                                                timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
 
-        # 1. The gateway: SIGTERM while a stream runs.
+        # 1. The gateway: SIGTERM while a stream runs. The stream must outlast the checks
+        # below (the gateway exits as soon as its last stream ends): 200 tokens take seconds.
         body = {"model": "smollm2-135m-instruct", "prompt": "Once upon a time",
-                "max_tokens": 24, "ignore_eos": True, "stream": True}
+                "max_tokens": 200, "ignore_eos": True, "stream": True}
         result: dict = {}
         streaming = threading.Thread(target=_stream_tokens,
                                      args=(base + "/v1/completions", body, result))

@@ -203,23 +203,27 @@ def check_greedy(report: Report, profile: Profile, work: Path) -> None:
     model = write_llama(directory, profile.small, profile.device, profile.torch_dtype,
                         scale=1.5 / math.sqrt(profile.small["hidden_size"]))
     prompts = greedy_prompts(profile)
-    reference = [hf_greedy(model, p, profile.new_tokens) for p in prompts]
-    sampling = SamplingParams(max_tokens=profile.new_tokens, temperature=0.0)
-    requests = [EngineRequest(f"r{i}", p, sampling) for i, p in enumerate(prompts)]
     token_bytes = kv_bytes_per_token(profile.small, profile.torch_dtype)
-    longest = max(map(len, prompts)) + profile.new_tokens
     tie = 0.02 if profile.dtype == "bfloat16" else 1e-4
+    # The preemption run generates longer, so that every sequence crosses a block boundary
+    # while the others hold the pool, whatever order the requests reach the engine in.
     runs = {
         # chunked prefill: a 64-token step budget splits every long prompt
-        "engine-greedy-batched": dict(max_num_seqs=16, max_num_batched_tokens=64,
-                                      kv_cache_bytes=64 * longest * token_bytes),
+        "engine-greedy-batched": (profile.new_tokens, 64),
         # room for about two of the longest sequences: the rest wait or are preempted
-        "engine-greedy-preemption": dict(max_num_seqs=16, max_num_batched_tokens=64,
-                                         kv_cache_bytes=int(2.2 * longest * token_bytes)),
+        "engine-greedy-preemption": (max(profile.new_tokens, 24), 2.2),
     }
-    for name, sizes in runs.items():
+    references: dict[int, list] = {}
+    for name, (new_tokens, pool_sequences) in runs.items():
+        if new_tokens not in references:
+            references[new_tokens] = [hf_greedy(model, p, new_tokens) for p in prompts]
+        reference = references[new_tokens]
+        sampling = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+        requests = [EngineRequest(f"r{i}", p, sampling) for i, p in enumerate(prompts)]
+        longest = max(map(len, prompts)) + new_tokens
         config = EngineConfig(model_dir=directory, device=profile.device, dtype=profile.dtype,
-                              block_size=16, **sizes)
+                              block_size=16, max_num_seqs=16, max_num_batched_tokens=64,
+                              kv_cache_bytes=int(pool_sequences * longest * token_bytes))
         [(got, _)], preemptions = asyncio.run(engine_batches(config, [requests]))
         verdicts = [compare(tokens, got[r.request_id], logits, tie)
                     for r, (tokens, logits) in zip(requests, reference)]
@@ -227,7 +231,7 @@ def check_greedy(report: Report, profile: Profile, work: Path) -> None:
         report.check(ok, name, f"{verdicts.count('exact')}/{len(verdicts)} identical, "
                      f"{verdicts.count('tie')} diverge at a near-tie (top-2 within "
                      f"{tie:g} of the logit scale), {verdicts.count('wrong')} wrong; "
-                     f"prompts 5-{max(map(len, prompts))} tokens, {profile.new_tokens} new, "
+                     f"prompts 5-{max(map(len, prompts))} tokens, {new_tokens} new, "
                      f"{preemptions} preemptions, {profile.device} {profile.dtype}")
     del model
     _release(profile.device)
