@@ -83,11 +83,17 @@ inline float silu(float x) {
   return x * (numerator / (1.0f + e));
 }
 
-// Runs fn(0 .. tasks - 1) on torch's threads, one task at a time to whichever is free.
+// How many of torch's threads for_each_task runs `tasks` on.
+inline int64_t task_threads(int64_t tasks) {
+  return std::min<int64_t>(at::get_num_threads(), tasks);
+}
+
+// Runs fn(0 .. tasks - 1) on task_threads(tasks) threads, one task at a time to whichever
+// is free, in order.
 template <typename Fn>
 void for_each_task(int64_t tasks, const Fn& fn) {
 #if defined(_OPENMP)
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+  const int threads = static_cast<int>(task_threads(tasks));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) fn(task);
 #else

@@ -43,13 +43,13 @@ constexpr int64_t kChunkBytes = 256 * 1024;  // x rows per chunk: about this muc
 constexpr int64_t kTaskPanels = 8;
 
 // Tasks go out in order, one at a time, so a thread that finishes task t most likely takes
-// t + threads next: the first panel of that task, for the last pair of t to prefetch, so
-// that no task starts on panels straight from memory. (A wrong guess costs one task's first
-// pair of extra reads, into a cache that then does not use them.)
+// t + threads next (threads: mmserve::task_threads): the first panel of that task, for the
+// last pair of t to prefetch, so that no task starts on panels straight from memory. (A
+// wrong guess costs one task's first pair of extra reads, into a cache that then does not
+// use them.)
 template <typename T>
-const T* likely_next_task(const T* panels, int64_t panel_size, int64_t task, int64_t num_tasks,
+const T* likely_next_task(const T* panels, int64_t panel_size, int64_t task, int64_t threads,
                           int64_t num_panels) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tasks);
   const int64_t first = (task + threads) * kTaskPanels;
   return first < num_panels ? panels + first * panel_size : nullptr;
 }
@@ -291,10 +291,11 @@ at::Tensor panel_linear_bf16(const at::Tensor& x, const at::Tensor& panels,
   const int64_t panel_size = K2 * 2 * kPanel;
   const int64_t num_tasks = (num_panels + kTaskPanels - 1) / kTaskPanels;
   const int64_t row_chunk = std::max<int64_t>(12, kChunkBytes / (K * 2) / 12 * 12);
+  const int64_t threads = mmserve::task_threads(num_tasks);
   mmserve::for_each_task(num_tasks, [&](int64_t task) {
     const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
     panels_zmm(xp, rows, ldx, pp, K2, panel_size, begin, end, row_chunk, yp, N, bp,
-               likely_next_task(pp, panel_size, task, num_tasks, num_panels));
+               likely_next_task(pp, panel_size, task, threads, num_panels));
   });
   return y;
 }
@@ -334,11 +335,12 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels,
   // chunk of rows.
   const int64_t num_tasks = (num_panels + kTaskPanels - 1) / kTaskPanels;
   const int64_t row_chunk = std::max<int64_t>(12, kChunkBytes / (K * 4) / 12 * 12);
+  [[maybe_unused]] const int64_t threads = mmserve::task_threads(num_tasks);
   mmserve::for_each_task(num_tasks, [&](int64_t task) {
     const int64_t begin = task * kTaskPanels, end = std::min(num_panels, begin + kTaskPanels);
 #if defined(__AVX512F__)
     panels_zmm(xp, rows, ldx, pp, K, K * kPanel, begin, end, row_chunk, yp, N, bp,
-               likely_next_task(pp, K * kPanel, task, num_tasks, num_panels));
+               likely_next_task(pp, K * kPanel, task, threads, num_panels));
 #else
     for (int64_t m = 0; m < rows; m += row_chunk) {
       const int64_t chunk = std::min(row_chunk, rows - m);
