@@ -213,11 +213,11 @@ def check_greedy(report: Report, profile: Profile, work: Path) -> None:
         # room for about two of the longest sequences: the rest wait or are preempted
         "engine-greedy-preemption": (max(profile.new_tokens, 24), 2.2),
     }
-    references: dict[int, list] = {}
+    # Greedy steps do not depend on how many follow: one reference, cut to each run's length.
+    longest_run = max(new_tokens for new_tokens, _ in runs.values())
+    full = [hf_greedy(model, p, longest_run) for p in prompts]
     for name, (new_tokens, pool_sequences) in runs.items():
-        if new_tokens not in references:
-            references[new_tokens] = [hf_greedy(model, p, new_tokens) for p in prompts]
-        reference = references[new_tokens]
+        reference = [(tokens[:new_tokens], logits[:new_tokens]) for tokens, logits in full]
         sampling = SamplingParams(max_tokens=new_tokens, temperature=0.0)
         requests = [EngineRequest(f"r{i}", p, sampling) for i, p in enumerate(prompts)]
         longest = max(map(len, prompts)) + new_tokens
