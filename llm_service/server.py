@@ -21,6 +21,7 @@ from llm_service.engine.protocol import (
 from llm_service.errors import STATUS, InvalidRequest, Overloaded
 from llm_service.generator import Chunk, GenerateInput, Generator
 from llm_service.metrics import LLMMetrics
+from llm_service.multiplex import Multiplexer
 from llm_service.prompt.messages import MediaItem, Message, Modality, Part, TextPart, ToolCall
 from llm_service.tool_calls import ChoiceMode, ToolRequest, tools_from
 from mmserve.rpc.calls import Call, rpc_method, status_for
@@ -152,8 +153,9 @@ def with_tool_constraint(sampling: llm_pb2.SamplingParams, tools: ToolRequest | 
     return constrained
 
 
-def input_from_pb(request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
-                  request_id: str = "", arguments_key: str = "arguments") -> GenerateInput:
+def input_from_pb(request: llm_pb2.GenerateRequest, timeout: float | None = None,
+                  tenant: str = "", request_id: str = "",
+                  arguments_key: str = "arguments") -> GenerateInput:
     tools = tools_from_pb(request)
     sampling, stop, skip = sampling_from_pb(with_tool_constraint(request.sampling, tools,
                                                                  arguments_key))
@@ -167,9 +169,9 @@ def input_from_pb(request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerCo
         stop=stop,
         skip_special_tokens=skip,
         priority=request.priority,
-        timeout=context.time_remaining(),
+        timeout=timeout,
         tools=tools,
-        tenant=tenant_of(context),
+        tenant=tenant,
     )
 
 
@@ -216,10 +218,30 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
         self._engine = engine
         self._info = dict(model_info)
         self.metrics = metrics or LLMMetrics(str(self._info.get("model_id", "")), engine.stats)
+        # build_server gives it the server's drain and tracing.
+        self.multiplexer = Multiplexer(self.generate, STATUS, log)
 
     @rpc
     async def Generate(self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
                        call: Call) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        try:
+            async for response in self.generate(request, call, context.time_remaining(),
+                                                tenant_of(context)):
+                yield response
+        except Overloaded:
+            context.set_trailing_metadata((("retry-after", str(call.fields["retry_after_s"])),))
+            raise
+
+    async def GenerateMany(self, commands: AsyncIterator[llm_pb2.GenerateCommand],
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[llm_pb2.GenerateEvents]:
+        async for events in self.multiplexer.serve(commands):
+            yield events
+
+    async def generate(self, request: llm_pb2.GenerateRequest, call: Call,
+                       timeout: float | None, tenant: str
+                       ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        """One generation's responses, for Generate and for each stream of GenerateMany."""
         started = time.perf_counter()
         prompt_tokens = completion_tokens = cached_tokens = 0
         timer, finish, admitted, first_ns = self.metrics.request(), None, True, 0
@@ -227,7 +249,7 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             # A client that goes away cancels this; the generator's cleanup aborts the engine.
             arguments_key = self._generator.tool_format.arguments_keys[0]
             async for chunk in self._generator.generate(
-                    input_from_pb(request, context, call.request_id, arguments_key)):
+                    input_from_pb(request, timeout, tenant, call.request_id, arguments_key)):
                 if "ttft_ms" not in call.fields and chunk.token_ids:
                     call.fields["ttft_ms"] = round((time.perf_counter() - started) * 1e3)
                 timer.tokens(len(chunk.token_ids))
@@ -247,9 +269,8 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
         except Overloaded:
             admitted = False
             # Truthful back-off: the queue ahead of this request over the measured drain rate.
-            wait = self.metrics.drain.retry_after_s(self._engine.stats().waiting)
-            context.set_trailing_metadata((("retry-after", str(wait)),))
-            call.fields["retry_after_s"] = wait
+            call.fields["retry_after_s"] = self.metrics.drain.retry_after_s(
+                self._engine.stats().waiting)
             raise
         finally:
             call.fields.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
@@ -293,4 +314,6 @@ def build_server(servicer: LLMServicer, token: bytes | None = None,
                                                ("grpc.max_receive_message_length", limit)],
                         token=token, tracing=tracing)
     llm_pb2_grpc.add_LLMServicer_to_server(servicer, server.grpc)
+    servicer.multiplexer.drain = server.drain
+    servicer.multiplexer.tracing = tracing or Tracing.off()
     return server

@@ -73,6 +73,9 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
                                                     handler.response_serializer)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer,
+                                                     handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
                                                handler.response_serializer)
 
@@ -99,9 +102,18 @@ class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_with_token(details, self._token), request)
 
 
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any,
+                                      requests: Any) -> Any:
+        return await continuation(_with_token(details, self._token), requests)
+
+
 def token_interceptors(token: bytes | None) -> list[grpc.aio.ClientInterceptor]:
     """Client interceptors that send `token` with every call; none without a token."""
     if token is None:
         return []
     text = token.decode()
-    return [_UnaryUnary(text), _UnaryStream(text)]
+    return [_UnaryUnary(text), _UnaryStream(text), _StreamStream(text)]

@@ -54,7 +54,19 @@ class Call:
     status: str = "OK"
 
 
-def _log_line(call: Call, started: float) -> str:
+def failure(call: Call, error: BaseException, table: StatusTable,
+            log: logging.Logger) -> tuple[grpc.StatusCode, str]:
+    """The status and message `error` ends `call` with: a listed error keeps its message,
+    anything else is logged with its traceback and becomes a bare INTERNAL."""
+    code = status_for(error, table)
+    call.status = code.name
+    if code is not grpc.StatusCode.INTERNAL:
+        return code, str(error)
+    log.error("rpc=%s request_id=%s failed", call.rpc, call.request_id, exc_info=error)
+    return code, INTERNAL_MESSAGE
+
+
+def log_line(call: Call, started: float) -> str:
     extra = "".join(f" {key}={value}" for key, value in call.fields.items())
     return (f"rpc={call.rpc} request_id={call.request_id} status={call.status} "
             f"ms={(time.perf_counter() - started) * 1000:.1f}{extra}")
@@ -70,12 +82,7 @@ def rpc_method(table: StatusTable, log: logging.Logger) -> Callable[[Callable[..
 
         async def fail(call: Call, context: grpc.aio.ServicerContext,
                        error: BaseException) -> None:
-            code = status_for(error, table)
-            call.status = code.name
-            if code is not grpc.StatusCode.INTERNAL:
-                await context.abort(code, str(error))
-            log.error("rpc=%s request_id=%s failed", name, call.request_id, exc_info=error)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            await context.abort(*failure(call, error, table, log))
 
         if inspect.isasyncgenfunction(handler):
             @functools.wraps(handler)
@@ -91,7 +98,7 @@ def rpc_method(table: StatusTable, log: logging.Logger) -> Callable[[Callable[..
                 except Exception as error:
                     await fail(call, context, error)
                 finally:
-                    log.info("%s", _log_line(call, started))
+                    log.info("%s", log_line(call, started))
             return stream
 
         @functools.wraps(handler)
@@ -105,7 +112,7 @@ def rpc_method(table: StatusTable, log: logging.Logger) -> Callable[[Callable[..
             except Exception as error:
                 await fail(call, context, error)
             finally:
-                log.info("%s", _log_line(call, started))
+                log.info("%s", log_line(call, started))
         return unary
 
     return decorate

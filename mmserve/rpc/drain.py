@@ -41,11 +41,12 @@ class Drain(grpc.aio.ServerInterceptor):
             await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
         return max(0.0, deadline - time.monotonic())
 
-    def _enter(self) -> None:
+    def enter(self) -> None:
+        """One more unit of work in flight (a call, or one generation of a multiplexed call)."""
         self.in_flight += 1
         self._idle.clear()
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
@@ -65,27 +66,41 @@ class Drain(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream), handler.request_deserializer,
                 handler.response_serializer)
+        if handler.stream_stream is not None:
+            # A multiplexed call lives as long as its client: it is refused once draining but
+            # not counted; its handler counts each generation it carries (enter / leave).
+            return grpc.stream_stream_rpc_method_handler(
+                self._refused_when_draining(handler.stream_stream),
+                handler.request_deserializer, handler.response_serializer)
         return handler  # client-streaming calls: none in mmserve
 
     def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if self.draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-            self._enter()
+            self.enter()
             try:
                 return await behavior(request, context)
             finally:
-                self._leave()
+                self.leave()
         return unary
+
+    def _refused_when_draining(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if self.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+            async for response in behavior(requests, context):
+                yield response
+        return stream
 
     def _stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if self.draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-            self._enter()
+            self.enter()
             try:
                 async for response in behavior(request, context):
                     yield response
             finally:
-                self._leave()
+                self.leave()
         return stream

@@ -17,7 +17,7 @@ from encoder_service.towers.demo import DemoTower
 from llm_service.encoder_client import EncoderClient
 from llm_service.encoder_pool import PoolSettings
 from llm_service.errors import Unavailable
-from llm_service.server import input_from_pb
+from llm_service.server import input_from_pb, tenant_of
 from mmserve.wire.media import TENANT_METADATA, MediaItem, MediaRef
 from protos import llm_pb2
 
@@ -87,6 +87,7 @@ class Context:
 
 def test_the_llm_service_passes_the_tenant_and_deadline_on():
     request = llm_pb2.GenerateRequest(prompt="hi")
-    inp = input_from_pb(request, Context(((TENANT_METADATA, "ab" * 8),)))
+    context = Context(((TENANT_METADATA, "ab" * 8),))
+    inp = input_from_pb(request, context.time_remaining(), tenant_of(context))
     assert (inp.tenant, inp.timeout) == ("ab" * 8, 7.0)
-    assert input_from_pb(request, Context(())).tenant == ""
+    assert tenant_of(Context(())) == ""

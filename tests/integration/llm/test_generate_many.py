@@ -1,0 +1,169 @@
+"""GenerateMany over real gRPC: the LLM servicer with a scripted engine, read raw and through
+the gateway's client (gateway/llm_streams.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from test_llm_server import ANSWER, ScriptedEngine, chat
+
+from gateway.llm_streams import Streams
+from llm_service.generator import Generator
+from llm_service.prompt.families import load_family
+from llm_service.server import LLMServicer, build_server
+from protos import llm_pb2, llm_pb2_grpc
+
+
+@pytest.fixture
+async def served(smollm2_tokenizer):
+    engine = ScriptedEngine(smollm2_tokenizer)
+    family = load_family("smollm2", smollm2_tokenizer)
+    generator = Generator(engine, smollm2_tokenizer, family, None)
+    servicer = LLMServicer(generator, engine, dict(model_id="m", family="smollm2"))
+    server = build_server(servicer)
+    port = await server.start("127.0.0.1", 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = llm_pb2_grpc.LLMStub(channel)
+    streams = Streams(lambda commands: stub.GenerateMany(commands), 1)
+    yield engine, stub, streams, server
+    await streams.close()
+    await channel.close()
+    await server.stop(0)
+
+
+def start(stream_id: int, request: llm_pb2.GenerateRequest, **fields) -> llm_pb2.GenerateCommand:
+    return llm_pb2.GenerateCommand(stream_id=stream_id, start=llm_pb2.StartGeneration(
+        request=request, **fields))
+
+
+async def text_of(call) -> str:
+    return "".join([response.text async for response in call])
+
+
+async def test_each_generation_streams_what_generate_would_and_steps_share_messages(served):
+    engine, stub, _, _ = served
+    engine.delay = 0.01
+    expected = await text_of(stub.Generate(chat("Hi", max_tokens=12)))
+    assert expected == ANSWER[:len(expected)] and expected
+    n = 8
+    commands = [start(i, chat("Hi", max_tokens=12), request_id=f"r{i}") for i in range(n)]
+    call = stub.GenerateMany(iter(commands))
+    texts, ends, messages, responses = [""] * n, {}, 0, 0
+    async for batch in call:
+        messages += 1
+        for event in batch.events:
+            if event.WhichOneof("event") == "response":
+                responses += 1
+                texts[event.stream_id] += event.response.text
+            else:
+                ends[event.stream_id] = event.end.code
+    assert texts == [expected] * n
+    assert ends == dict.fromkeys(range(n), 0)
+    # The 8 sequences step together: one message carries the step's responses for all.
+    assert messages < responses / 4, (messages, responses)
+    assert sorted(r.request_id for r in engine.requests[1:]) == [f"r{i}" for i in range(n)]
+
+
+async def test_the_gateway_client_reads_generations_side_by_side(served):
+    engine, stub, streams, _ = served
+    engine.delay = 0.005
+    calls = [streams.start(chat("Hi", max_tokens=9), 60.0) for _ in range(5)]
+    texts = await asyncio.gather(*(text_of(call) for call in calls))
+    assert len(set(texts)) == 1 and texts[0] == ANSWER[:len(texts[0])] and texts[0]
+
+
+async def test_a_cancelled_generation_is_aborted_and_the_others_go_on(served):
+    engine, _, streams, _ = served
+    engine.delay = 0.02
+    keep = streams.start(chat("Hi", max_tokens=10), 60.0)
+    drop = streams.start(llm_pb2.GenerateRequest(request_id="drop", prompt="x",
+                                                 sampling=llm_pb2.SamplingParams(max_tokens=500)),
+                         60.0)
+    first = await drop.read()
+    assert first.text or first.token_ids
+    assert drop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await drop.read()
+    assert await text_of(keep)
+    for _ in range(100):
+        if "drop" in engine.aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert "drop" in engine.aborted and "drop" not in engine.active
+
+
+async def test_a_generation_past_its_deadline_ends_deadline_exceeded_and_is_aborted(served):
+    engine, _, streams, _ = served
+    engine.delay = 0.05
+    call = streams.start(llm_pb2.GenerateRequest(request_id="slow", prompt="x",
+                                                 sampling=llm_pb2.SamplingParams(max_tokens=500)),
+                         0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await text_of(call)
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "slow" in engine.aborted
+
+
+async def test_errors_end_only_their_own_stream_with_the_status_generate_gives(served):
+    engine, stub, streams, _ = served
+    bad = streams.start(chat("Hi", max_tokens=5, top_p=7.0), 60.0)
+    good = streams.start(chat("Hi", max_tokens=5), 60.0)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await text_of(bad)
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await text_of(stub.Generate(chat("Hi", max_tokens=5, top_p=7.0)))
+    assert info.value.code() is unary.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == unary.value.details() and "top_p" in info.value.details()
+    assert await text_of(good)
+    engine.refuse = True
+    busy = streams.start(chat("Hi", max_tokens=5), 60.0)
+    with pytest.raises(grpc.aio.AioRpcError) as overloaded:
+        await text_of(busy)
+    assert overloaded.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert int(dict(overloaded.value.trailing_metadata())["retry-after"]) >= 1
+
+
+async def test_a_reused_stream_id_is_refused(served):
+    engine, stub, _, _ = served
+    engine.delay = 0.02
+    request = chat("Hi", max_tokens=5)
+    call = stub.GenerateMany(iter([start(7, request), start(7, request)]))
+    ends = [event.end for batch in [b async for b in call] for event in batch.events
+            if event.WhichOneof("event") == "end"]
+    assert [end.code for end in ends] == [grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
+    assert "already open" in ends[0].message
+
+
+async def test_draining_refuses_new_generations_and_lets_running_ones_finish(served):
+    engine, _, streams, server = served
+    engine.delay = 0.02
+    running = streams.start(chat("Hi", max_tokens=10), 60.0)
+    assert (await running.read()).token_ids
+    server.drain.start()
+    refused = streams.start(chat("Hi", max_tokens=10), 60.0)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await text_of(refused)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in info.value.details()
+    assert await text_of(running)
+    assert server.drain.in_flight == 0
+
+
+async def test_a_broken_call_fails_its_open_generations(served):
+    engine, _, streams, server = served
+    engine.delay = 0.05
+    call = streams.start(llm_pb2.GenerateRequest(request_id="cut", prompt="x",
+                                                 sampling=llm_pb2.SamplingParams(max_tokens=500)),
+                         60.0)
+    assert await call.read()
+    await server.grpc.stop(0)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await text_of(call)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    for _ in range(100):
+        if "cut" in engine.aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert "cut" in engine.aborted
