@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--otlp-endpoint", default=None,
                         help="host:port of an OTLP/gRPC collector: export traces (needs the "
                              "tracing extra; default: off)")
+    parser.add_argument("--llm-streams", type=int, default=None,
+                        help="long-lived GenerateMany calls that carry the generations, one "
+                             "gRPC message per batch of tokens; 0: one Generate call per "
+                             "request (default: 1 for one address, 0 for a dns:/// pool)")
     parser.add_argument("--log-level", choices=_LOG_LEVELS,
                         default="info")
     parser.add_argument("--print-config", action="store_true",
@@ -110,7 +114,8 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         llm_tls_ca=args.llm_tls_ca, llm_tls_cert=args.llm_tls_cert,
         llm_tls_key=args.llm_tls_key, shutdown_grace_s=args.shutdown_grace_s,
         max_concurrent_per_key=args.max_concurrent_per_key,
-        internal_token_file=args.internal_token_file, otlp_endpoint=args.otlp_endpoint or None)
+        internal_token_file=args.internal_token_file, otlp_endpoint=args.otlp_endpoint or None,
+        llm_streams=args.llm_streams)
 
 
 def server_options(config: GatewayConfig) -> dict[str, Any]:

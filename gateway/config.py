@@ -56,6 +56,11 @@ class GatewayConfig:
     internal_token_file: str | None = None
     # OTLP/gRPC collector (host:port) for traces; None: tracing off.
     otlp_endpoint: str | None = None
+    # Generations go over this many long-lived GenerateMany calls (one gRPC message per
+    # batch of tokens, not per token); 0: one Generate call each. None: 1 for one address,
+    # 0 for a dns:/// pool, where each call is balanced on its own (set it to a multiple of
+    # the pool's size to multiplex there too).
+    llm_streams: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +89,8 @@ class GatewayConfig:
              f"keyfile={self.ssl_keyfile!r}"),
             (self.shutdown_grace_s >= 0,
              f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}"),
+            (self.llm_streams is None or self.llm_streams >= 0,
+             f"llm_streams must be >= 0, got {self.llm_streams}"),
             (self.max_concurrent_per_key is None or self.max_concurrent_per_key >= 1,
              f"max_concurrent_per_key must be >= 1, got {self.max_concurrent_per_key}"),
         ]
@@ -91,6 +98,13 @@ class GatewayConfig:
         problems += self.llm_tls.problems("llm_tls_", server=False)
         if problems:
             raise ValueError(problems[0])
+
+    @property
+    def generate_streams(self) -> int:
+        """GenerateMany calls to multiplex generations over (llm_streams resolved)."""
+        if self.llm_streams is not None:
+            return self.llm_streams
+        return 0 if _DNS_TARGET.match(self.llm_address) else 1
 
     @property
     def llm_tls(self) -> TlsFiles:

@@ -16,6 +16,7 @@ from starlette.types import Receive
 
 from gateway.errors import ClientDisconnected, from_rpc_error
 from gateway.llm_client import LLMClient, llm_pb2
+from gateway.llm_streams import StreamCall
 from gateway.protocol import FinishReason, PromptTokensDetails, Usage
 from gateway.request_record import RequestRecord
 
@@ -62,7 +63,7 @@ class Generation:
     call if it is still running and is safe to call more than once.
     """
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, receive: Receive,
+    def __init__(self, call: grpc.aio.UnaryStreamCall | StreamCall, receive: Receive,
                  record: RequestRecord) -> None:
         self._call = call
         self._record = record

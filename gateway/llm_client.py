@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
+from gateway.llm_streams import StreamCall, Streams
 from gateway.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -45,7 +46,8 @@ class LLMClient:
 
     def __init__(self, address: str, request_timeout_s: float,
                  credentials: grpc.ChannelCredentials | None = None,
-                 token: bytes | None = None, traced: bool = False) -> None:
+                 token: bytes | None = None, traced: bool = False,
+                 streams: int = 1) -> None:
         options = [("grpc.lb_policy_name", "round_robin")]
         interceptors = token_interceptors(token) + client_interceptors(traced)
         self._channel = (grpc.aio.secure_channel(address, credentials, options=options,
@@ -55,17 +57,21 @@ class LLMClient:
         self._llm = llm_pb2_grpc.LLMStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._request_timeout_s = request_timeout_s
+        self._streams = (Streams(lambda commands: self._llm.GenerateMany(commands), streams)
+                         if streams else None)
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> LLMClient:
         return cls(config.llm_address, config.request_timeout_s,
                    channel_credentials(config.llm_tls), read_token(config.internal_token_file),
-                   traced=config.otlp_endpoint is not None)
+                   traced=config.otlp_endpoint is not None, streams=config.generate_streams)
 
     def generate(self, request: llm_pb2.GenerateRequest,
-                 tenant: str = "") -> grpc.aio.UnaryStreamCall:
-        """Starts the server-streaming call; `cancel()` on it aborts the generation.
+                 tenant: str = "") -> grpc.aio.UnaryStreamCall | StreamCall:
+        """Starts the generation: `read()` its responses until EOF, `cancel()` aborts it.
         `tenant` scopes the media handles the request may name and mint."""
+        if self._streams is not None:
+            return self._streams.start(request, self._request_timeout_s, tenant)
         metadata = [("x-request-id", request.request_id)]
         if tenant:
             metadata.append((TENANT_METADATA, tenant))
@@ -97,6 +103,8 @@ class LLMClient:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
+        if self._streams is not None:
+            await self._streams.close()
         await self._channel.close()
 
 

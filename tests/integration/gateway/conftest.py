@@ -38,10 +38,12 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
 
 
-@pytest.fixture
-def config(llm_server: FakeLLMServer) -> GatewayConfig:
+@pytest.fixture(params=[1, 0], ids=["GenerateMany", "Generate"])
+def config(llm_server: FakeLLMServer, request: pytest.FixtureRequest) -> GatewayConfig:
+    """Every gateway test runs over both transports: generations multiplexed on one
+    GenerateMany call (the default), and one Generate call each."""
     return GatewayConfig(host="127.0.0.1", port=0, llm_address=llm_server.address,
-                         api_keys=(API_KEY,))
+                         api_keys=(API_KEY,), llm_streams=request.param)
 
 
 @pytest.fixture

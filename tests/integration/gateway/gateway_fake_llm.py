@@ -4,20 +4,59 @@ Choice i of a reply is "[i]" followed by the words of the last message's text
 (or of the prompt), one word per response, choices interleaved. max_tokens
 truncates it (finish "length"). It records every request and its metadata,
 can fail with a given status before or after the first response, and notes
-when a call is cancelled. Given tools, it calls the first one (TOOL_CALL_ARGUMENTS, streamed in
+when a call is cancelled. GenerateMany serves the same script per stream, through the LLM
+service's own multiplexer (llm_service/multiplex.py), each stream seen as a Generate call
+with the stream's request id and tenant as its metadata. Given tools, it calls the first one (TOOL_CALL_ARGUMENTS, streamed in
 FRAGMENTS after a delta with the id and name) and finishes with "tool_calls".
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from llm_service.multiplex import Multiplexer
+from mmserve.rpc.calls import Call
+from mmserve.wire.media import TENANT_METADATA
 from protos import llm_pb2, llm_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Aborted(Exception):
+    """What the fake's context.abort raises on a GenerateMany stream: one class per status."""
+
+    code: grpc.StatusCode
+
+
+_ABORTED = {code: type(f"Aborted{code.name}", (Aborted,), {"code": code})
+            for code in grpc.StatusCode}
+ABORT_STATUS: Mapping[type[BaseException], grpc.StatusCode] = {
+    cls: code for code, cls in _ABORTED.items()}
+
+
+class StreamContext:
+    """The parts of a ServicerContext the fake's Generate uses, for one GenerateMany stream."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...], call: Call) -> None:
+        self._metadata = metadata
+        self._call = call
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        hint = dict(metadata).get("retry-after", "")
+        if hint.isdigit():
+            self._call.fields["retry_after_s"] = int(hint)
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _ABORTED[code](details)
 
 MODEL_ID = "fake-vlm-1b"
 TOOL_CALL_ID = "call_fake_1"
@@ -56,6 +95,23 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
     metadata: list[dict[str, str]] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.multiplexer = Multiplexer(self._stream, ABORT_STATUS, log)
+
+    async def GenerateMany(self, commands: AsyncIterator[llm_pb2.GenerateCommand],
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[llm_pb2.GenerateEvents]:
+        async for events in self.multiplexer.serve(commands):
+            yield events
+
+    async def _stream(self, request: llm_pb2.GenerateRequest, call: Call,
+                      timeout: float | None, tenant: str
+                      ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        metadata = (("x-request-id", call.request_id),
+                    *(((TENANT_METADATA, tenant),) if tenant else ()))
+        async for response in self.Generate(request, StreamContext(metadata, call)):  # type: ignore[arg-type]
+            yield response
 
     async def Generate(self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[llm_pb2.GenerateResponse]:
