@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -38,6 +38,9 @@ class ScriptedEngine(EngineClient):
         self.finished: list[tuple[str, int]] = []
         self.active: set[str] = set()
         self.refuse = False
+        # When set, every sequence waits on this between tokens instead of its own sleep: the
+        # sequences then step together, as an engine's batch does.
+        self.step: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> None: ...
 
@@ -52,7 +55,7 @@ class ScriptedEngine(EngineClient):
         ids = self.answer_ids[:limit]
         try:
             for i, token in enumerate(ids):
-                await asyncio.sleep(self.delay)
+                await (self.step() if self.step else asyncio.sleep(self.delay))
                 last = i == len(ids) - 1
                 finish = None
                 if last:
