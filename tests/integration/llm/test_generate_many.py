@@ -7,30 +7,33 @@ import asyncio
 
 import grpc
 import pytest
-from test_llm_server import ANSWER, ScriptedEngine, chat
+from test_llm_server import ANSWER, chat, scripted_server
 
 from gateway.llm_streams import Streams
-from llm_service.generator import Generator
-from llm_service.prompt.families import load_family
-from llm_service.server import LLMServicer, build_server
 from protos import llm_pb2, llm_pb2_grpc
 
 
 @pytest.fixture
 async def served(smollm2_tokenizer):
-    engine = ScriptedEngine(smollm2_tokenizer)
-    family = load_family("smollm2", smollm2_tokenizer)
-    generator = Generator(engine, smollm2_tokenizer, family, None)
-    servicer = LLMServicer(generator, engine, dict(model_id="m", family="smollm2"))
-    server = build_server(servicer)
-    port = await server.start("127.0.0.1", 0)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    stub = llm_pb2_grpc.LLMStub(channel)
-    streams = Streams(lambda commands: stub.GenerateMany(commands), 1)
-    yield engine, stub, streams, server
-    await streams.close()
-    await channel.close()
-    await server.stop(0)
+    async with scripted_server(smollm2_tokenizer) as (engine, server, channel):
+        stub = llm_pb2_grpc.LLMStub(channel)
+        streams = Streams(lambda commands: stub.GenerateMany(commands), 1)
+        yield engine, stub, streams, server
+        await streams.close()
+
+
+def long_request(request_id: str) -> llm_pb2.GenerateRequest:
+    return llm_pb2.GenerateRequest(request_id=request_id, prompt="x",
+                                   sampling=llm_pb2.SamplingParams(max_tokens=500))
+
+
+async def aborted(engine, request_id: str) -> bool:
+    """Whether the engine aborts `request_id` within 2 s."""
+    for _ in range(100):
+        if request_id in engine.aborted:
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 def start(stream_id: int, request: llm_pb2.GenerateRequest, **fields) -> llm_pb2.GenerateCommand:
@@ -107,28 +110,20 @@ async def test_a_cancelled_generation_is_aborted_and_the_others_go_on(served):
     engine, _, streams, _ = served
     engine.delay = 0.02
     keep = streams.start(chat("Hi", max_tokens=10), 60.0)
-    drop = streams.start(llm_pb2.GenerateRequest(request_id="drop", prompt="x",
-                                                 sampling=llm_pb2.SamplingParams(max_tokens=500)),
-                         60.0)
+    drop = streams.start(long_request("drop"), 60.0)
     first = await drop.read()
     assert first.text or first.token_ids
     assert drop.cancel()
     with pytest.raises(asyncio.CancelledError):
         await drop.read()
     assert await text_of(keep)
-    for _ in range(100):
-        if "drop" in engine.aborted:
-            break
-        await asyncio.sleep(0.02)
-    assert "drop" in engine.aborted and "drop" not in engine.active
+    assert await aborted(engine, "drop") and "drop" not in engine.active
 
 
 async def test_a_generation_past_its_deadline_ends_deadline_exceeded_and_is_aborted(served):
     engine, _, streams, _ = served
     engine.delay = 0.05
-    call = streams.start(llm_pb2.GenerateRequest(request_id="slow", prompt="x",
-                                                 sampling=llm_pb2.SamplingParams(max_tokens=500)),
-                         0.3)
+    call = streams.start(long_request("slow"), 0.3)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await text_of(call)
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
@@ -183,16 +178,10 @@ async def test_draining_refuses_new_generations_and_lets_running_ones_finish(ser
 async def test_a_broken_call_fails_its_open_generations(served):
     engine, _, streams, server = served
     engine.delay = 0.05
-    call = streams.start(llm_pb2.GenerateRequest(request_id="cut", prompt="x",
-                                                 sampling=llm_pb2.SamplingParams(max_tokens=500)),
-                         60.0)
+    call = streams.start(long_request("cut"), 60.0)
     assert await call.read()
     await server.grpc.stop(0)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await text_of(call)
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-    for _ in range(100):
-        if "cut" in engine.aborted:
-            break
-        await asyncio.sleep(0.02)
-    assert "cut" in engine.aborted
+    assert await aborted(engine, "cut")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -82,18 +83,27 @@ class ScriptedEngine(EngineClient):
         return True
 
 
-@pytest.fixture
-async def served(smollm2_tokenizer):
-    engine = ScriptedEngine(smollm2_tokenizer)
-    family = load_family("smollm2", smollm2_tokenizer)
-    generator = Generator(engine, smollm2_tokenizer, family, None)
+@contextlib.asynccontextmanager
+async def scripted_server(tokenizer):
+    """An LLM server on the scripted engine: (engine, server, channel to it)."""
+    engine = ScriptedEngine(tokenizer)
+    family = load_family("smollm2", tokenizer)
+    generator = Generator(engine, tokenizer, family, None)
     servicer = LLMServicer(generator, engine, dict(model_id="m", family="smollm2"))
     server = build_server(servicer)
     port = await server.start("127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield engine, llm_pb2_grpc.LLMStub(channel)
-    await channel.close()
-    await server.stop(0)
+    try:
+        yield engine, server, channel
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+@pytest.fixture
+async def served(smollm2_tokenizer):
+    async with scripted_server(smollm2_tokenizer) as (engine, _, channel):
+        yield engine, llm_pb2_grpc.LLMStub(channel)
 
 
 def chat(text: str, **sampling) -> llm_pb2.GenerateRequest:
